@@ -1,0 +1,306 @@
+//! Inference: the feedforward pass, prediction errors, energy and activity updates.
+//!
+//! For layer `l` the prediction is `mu_l = a_l W_l phi(z_(l-1)) + s_l z_(l-1)`, with `phi` the
+//! identity for `l = 1`. The error is `e_l = z_l - mu_l` and a sample's energy is
+//! `E = 1/2 sum_l |e_l|^2`. A free layer's activity gradient is
+//! `dE/dz_l = e_l - phi'(z_l) (a_(l+1) W_(l+1)^T e_(l+1)) - s_(l+1) e_(l+1)`,
+//! and an inference step is `z_l <- z_l - step * dE/dz_l` for every free layer at once.
+//!
+//! Samples infer independently, so `step` is per sample. A batch-averaged energy
+//! `F = (1/B) sum_b E_b` (JPC's convention) with step `eta` is the same as per-sample step
+//! `eta / B`.
+
+use crate::error::{Buffer, Error};
+use crate::network::{check_len, Network, Workspace};
+use crate::scalar::Scalar;
+
+/// Settings of the inference loop.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct InferenceConfig<S> {
+    /// Maximum number of steps `T`.
+    pub steps: u32,
+    /// Per-sample step size of the activity gradient descent.
+    pub step_size: S,
+    /// Stop early once one step changes the sample's energy by at most this much.
+    pub tolerance: Option<S>,
+}
+
+/// What one sample's inference did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct InferenceStats<S> {
+    /// Steps taken (at most `steps`).
+    pub steps_taken: u32,
+    /// Energy at the feedforward initialisation.
+    pub initial_energy: S,
+    /// Energy after the last step.
+    pub final_energy: S,
+}
+
+impl<S: Scalar> Network<'_, S> {
+    /// Sets `z_0 = input` and every other layer to its prediction, `z_l = mu_l`.
+    ///
+    /// Returns the prediction of the output layer, `mu_L`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BufferLength`] or [`Error::BatchSize`] when the workspace or the input does
+    /// not fit the network.
+    pub fn feedforward<'w>(
+        &self,
+        workspace: &'w mut Workspace<'_, S>,
+        sample: usize,
+        input: &[S],
+    ) -> Result<&'w [S], Error> {
+        workspace.check(&self.arch, sample + 1)?;
+        check_len(Buffer::Input, self.arch.width(0), input.len())?;
+        let per_sample = workspace.activities_per_sample;
+        let z = &mut workspace.activities[sample * per_sample..(sample + 1) * per_sample];
+        z[..input.len()].copy_from_slice(input);
+
+        for layer in 1..=self.arch.depth() {
+            let (before, after) = z.split_at_mut(self.arch.activity_offset(layer));
+            let input = &before[self.arch.activity_offset(layer - 1)..];
+            let output = &mut after[..self.arch.width(layer)];
+            let overflows = &mut workspace.overflows[layer - 1];
+            self.predict_layer(layer, input, workspace.scratch, overflows, |i, mu| {
+                output[i] = mu
+            });
+        }
+
+        let output_offset = self.arch.activity_offset(self.arch.depth());
+        Ok(&z[output_offset..])
+    }
+
+    /// Runs the feedforward pass, clamps `z_L = target` and runs inference on the hidden
+    /// layers (the supervised training setting).
+    ///
+    /// # Errors
+    ///
+    /// As [`Network::feedforward`], and [`Error::BufferLength`] for a target of the wrong
+    /// width.
+    pub fn infer_supervised(
+        &self,
+        workspace: &mut Workspace<'_, S>,
+        sample: usize,
+        input: &[S],
+        target: &[S],
+        config: &InferenceConfig<S>,
+    ) -> Result<InferenceStats<S>, Error> {
+        let depth = self.arch.depth();
+        check_len(Buffer::Target, self.arch.width(depth), target.len())?;
+        self.feedforward(workspace, sample, input)?;
+        let offset = sample * workspace.activities_per_sample + self.arch.activity_offset(depth);
+        workspace.activities[offset..offset + target.len()].copy_from_slice(target);
+        self.infer(workspace, sample, config)
+    }
+
+    /// Runs up to `config.steps` inference steps on the free layers `z_1 .. z_(L-1)` of a
+    /// sample whose activities are already set, leaving its errors consistent with the final
+    /// activities.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BufferLength`] or [`Error::BatchSize`] when the workspace does not fit.
+    pub fn infer(
+        &self,
+        workspace: &mut Workspace<'_, S>,
+        sample: usize,
+        config: &InferenceConfig<S>,
+    ) -> Result<InferenceStats<S>, Error> {
+        let initial_energy = self.compute_errors(workspace, sample)?;
+        let mut energy = initial_energy;
+        let mut steps_taken = 0;
+        let mut spare = 0u32;
+
+        while steps_taken < config.steps {
+            self.inference_step(workspace, sample, config.step_size)?;
+            let next = self.compute_errors(workspace, sample)?;
+            steps_taken += 1;
+            let change = next.saturating_sub(energy, &mut spare);
+            energy = next;
+            if let Some(tolerance) = config.tolerance {
+                let magnitude = if change < S::ZERO {
+                    change.saturating_neg()
+                } else {
+                    change
+                };
+                if magnitude <= tolerance {
+                    break;
+                }
+            }
+        }
+
+        Ok(InferenceStats {
+            steps_taken,
+            initial_energy,
+            final_energy: energy,
+        })
+    }
+
+    /// Recomputes every error `e_l = z_l - mu_l` of a sample and returns its energy
+    /// `1/2 sum_l |e_l|^2`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BufferLength`] or [`Error::BatchSize`] when the workspace does not fit.
+    pub fn compute_errors(
+        &self,
+        workspace: &mut Workspace<'_, S>,
+        sample: usize,
+    ) -> Result<S, Error> {
+        workspace.check(&self.arch, sample + 1)?;
+        let z_len = workspace.activities_per_sample;
+        let e_len = workspace.errors_per_sample;
+        let z = &workspace.activities[sample * z_len..(sample + 1) * z_len];
+        let e = &mut workspace.errors[sample * e_len..(sample + 1) * e_len];
+        let mut energy = S::acc_zero();
+
+        for layer in 1..=self.arch.depth() {
+            let input = &z[self.arch.activity_offset(layer - 1)..];
+            let activity = &z[self.arch.activity_offset(layer)..];
+            let error = &mut e[self.arch.error_offset(layer)..];
+            let overflows = &mut workspace.overflows[layer - 1];
+            let mut error_overflows = 0;
+            self.predict_layer(layer, input, workspace.scratch, overflows, |i, mu| {
+                let difference = activity[i].saturating_sub(mu, &mut error_overflows);
+                error[i] = difference;
+                energy = S::acc_mul_add(energy, difference, difference);
+            });
+            *overflows += error_overflows;
+        }
+
+        let half = S::ONE.div_int(2);
+        Ok(S::acc_scale_round(
+            energy,
+            half,
+            &mut workspace.overflows[0],
+        ))
+    }
+
+    /// Takes one gradient step on every free layer of a sample, using the errors left by the
+    /// last [`Network::compute_errors`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BufferLength`] or [`Error::BatchSize`] when the workspace does not fit.
+    pub fn inference_step(
+        &self,
+        workspace: &mut Workspace<'_, S>,
+        sample: usize,
+        step_size: S,
+    ) -> Result<(), Error> {
+        workspace.check(&self.arch, sample + 1)?;
+        for layer in 1..self.arch.depth() {
+            let width = self.arch.width(layer);
+            self.activity_gradient_into(workspace, sample, layer)?;
+            let z_offset =
+                sample * workspace.activities_per_sample + self.arch.activity_offset(layer);
+            let z = &mut workspace.activities[z_offset..z_offset + width];
+            let overflows = &mut workspace.overflows[layer - 1];
+            for (activity, &gradient) in z.iter_mut().zip(workspace.scratch[..width].iter()) {
+                let change = step_size.saturating_mul(gradient, overflows);
+                *activity = activity.saturating_sub(change, overflows);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `dE/dz_layer` of a sample (a free layer, `1 <= layer < L`) into the first
+    /// `n_layer` values of the workspace scratch and returns them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BufferLength`] or [`Error::BatchSize`] when the workspace does not fit.
+    pub fn activity_gradient<'w>(
+        &self,
+        workspace: &'w mut Workspace<'_, S>,
+        sample: usize,
+        layer: usize,
+    ) -> Result<&'w [S], Error> {
+        workspace.check(&self.arch, sample + 1)?;
+        self.activity_gradient_into(workspace, sample, layer)?;
+        Ok(&workspace.scratch[..self.arch.width(layer)])
+    }
+
+    fn activity_gradient_into(
+        &self,
+        workspace: &mut Workspace<'_, S>,
+        sample: usize,
+        layer: usize,
+    ) -> Result<(), Error> {
+        let depth = self.arch.depth();
+        if layer == 0 || layer >= depth {
+            return Err(Error::NotFreeLayer { layer, depth });
+        }
+        let width = self.arch.width(layer);
+        let next_width = self.arch.width(layer + 1);
+        let z_len = workspace.activities_per_sample;
+        let e_len = workspace.errors_per_sample;
+        let z = &workspace.activities[sample * z_len + self.arch.activity_offset(layer)..];
+        let e = &workspace.errors[sample * e_len..(sample + 1) * e_len];
+        let own_error = &e[self.arch.error_offset(layer)..];
+        let next_error = &e[self.arch.error_offset(layer + 1)..][..next_width];
+        let weights = self.layer_weights(layer + 1);
+        let scaling = self.scaling(layer + 1);
+        let skip = self.arch.has_skip(layer + 1);
+        let overflows = &mut workspace.overflows[layer - 1];
+        let activation = self.arch.activation();
+
+        for (j, gradient) in workspace.scratch[..width].iter_mut().enumerate() {
+            // Column j of W_(l+1): the transposed product, rounded once.
+            let mut column = S::acc_zero();
+            for (i, &error) in next_error.iter().enumerate() {
+                column = S::acc_mul_add(column, weights[i * width + j], error);
+            }
+            let feedback = S::acc_scale_round(column, scaling, overflows);
+
+            let slope = S::activate_derivative(activation, z[j]);
+            let mut sum = S::acc_add(S::acc_zero(), own_error[j]);
+            sum = S::acc_mul_add(sum, slope.saturating_neg(), feedback);
+            if skip {
+                sum = S::acc_sub(sum, next_error[j]);
+            }
+            *gradient = S::acc_round(sum, overflows);
+        }
+        Ok(())
+    }
+
+    /// Computes `mu_layer` from `z_(layer-1)` (the start of `input`) and hands each value to
+    /// `sink`; `scratch` receives `phi(z_(layer-1))`.
+    fn predict_layer(
+        &self,
+        layer: usize,
+        input: &[S],
+        scratch: &mut [S],
+        overflows: &mut u32,
+        mut sink: impl FnMut(usize, S),
+    ) {
+        let input_width = self.arch.width(layer - 1);
+        let input = &input[..input_width];
+        let activated = &mut scratch[..input_width];
+        if layer == 1 {
+            activated.copy_from_slice(input);
+        } else {
+            let activation = self.arch.activation();
+            for (out, &x) in activated.iter_mut().zip(input) {
+                *out = S::activate(activation, x);
+            }
+        }
+
+        let weights = self.layer_weights(layer);
+        let scaling = self.scaling(layer);
+        let skip = self.arch.has_skip(layer);
+        for (i, row) in weights.chunks_exact(input_width).enumerate() {
+            let mut sum = S::acc_zero();
+            for (&w, &x) in row.iter().zip(activated.iter()) {
+                sum = S::acc_mul_add(sum, w, x);
+            }
+            let mut mu = S::acc_scale_round(sum, scaling, overflows);
+            if skip {
+                mu = mu.saturating_add(input[i], overflows);
+            }
+            sink(i, mu);
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! Learning: local weight gradients at the end of inference and the optimisers that apply them.
+//!
+//! For a batch of `B` samples, `dF/dW_l = -(a_l / B) sum_b e_l phi(z_(l-1))^T`, with `phi` the
+//! identity for `l = 1`. Each gradient entry sums its `B` exact products in the wide
+//! accumulator and is rounded once.
+
+use crate::error::{Buffer, Error};
+use crate::network::{check_len, Network, Workspace};
+use crate::scalar::{AdamCoefficients, Scalar, COEF_FRAC_BITS};
+
+impl<S: Scalar> Network<'_, S> {
+    /// Writes the weight gradients of the first `batch` samples of the workspace into
+    /// `gradients` (same layout as the weights).
+    ///
+    /// Each sample must have been through inference, so that its errors match its activities.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BufferLength`] or [`Error::BatchSize`] when the buffers do not fit.
+    pub fn weight_gradients(
+        &self,
+        workspace: &mut Workspace<'_, S>,
+        batch: usize,
+        gradients: &mut [S],
+    ) -> Result<(), Error> {
+        workspace.check(&self.arch, batch)?;
+        check_len(Buffer::Gradients, self.arch.weights_len(), gradients.len())?;
+        let z_len = workspace.activities_per_sample;
+        let e_len = workspace.errors_per_sample;
+        let activation = self.arch.activation();
+
+        for layer in 1..=self.arch.depth() {
+            let input_width = self.arch.width(layer - 1);
+            let width = self.arch.width(layer);
+            let z_offset = self.arch.activity_offset(layer - 1);
+            let e_offset = self.arch.error_offset(layer);
+
+            // phi(z_(l-1)) of every sample, side by side in the scratch.
+            let activated = &mut workspace.scratch[..batch * input_width];
+            for (sample, out) in activated.chunks_exact_mut(input_width).enumerate() {
+                let input = &workspace.activities[sample * z_len + z_offset..][..input_width];
+                for (value, &x) in out.iter_mut().zip(input) {
+                    *value = if layer == 1 {
+                        x
+                    } else {
+                        S::activate(activation, x)
+                    };
+                }
+            }
+
+            let coefficient = self.scaling(layer).div_int(batch as u32).saturating_neg();
+            let overflows = &mut workspace.overflows[layer - 1];
+            let layer_gradients = &mut gradients[self.arch.weight_offset(layer)..];
+            for i in 0..width {
+                let row = &mut layer_gradients[i * input_width..(i + 1) * input_width];
+                for (j, gradient) in row.iter_mut().enumerate() {
+                    let mut sum = S::acc_zero();
+                    for sample in 0..batch {
+                        let error = workspace.errors[sample * e_len + e_offset + i];
+                        sum = S::acc_mul_add(sum, error, activated[sample * input_width + j]);
+                    }
+                    *gradient = S::acc_scale_round(sum, coefficient, overflows);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Plain stochastic gradient descent, `w <- w - lr * g`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sgd<S> {
+    /// Learning rate.
+    pub learning_rate: S,
+}
+
+impl<S: Scalar> Sgd<S> {
+    /// Applies one step and returns the number of saturated updates.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BufferLength`] when the slices differ in length.
+    pub fn step(&self, weights: &mut [S], gradients: &[S]) -> Result<u32, Error> {
+        check_len(Buffer::Gradients, weights.len(), gradients.len())?;
+        let mut overflows = 0;
+        for (weight, &gradient) in weights.iter_mut().zip(gradients) {
+            let change = self.learning_rate.saturating_mul(gradient, &mut overflows);
+            *weight = weight.saturating_sub(change, &mut overflows);
+        }
+        Ok(overflows)
+    }
+}
+
+/// Adam with bias correction, computed identically on every target.
+///
+/// Hyperparameters are Q2.30 integers (see [`AdamCoefficients`]), so the bias corrections
+/// come from integer arithmetic and a fixed-point network trains the same on a host and a
+/// board. The fixed-point update divides with truncation toward zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Adam {
+    learning_rate: i64,
+    beta1: i64,
+    beta2: i64,
+    epsilon: i64,
+    beta1_power: i64,
+    beta2_power: i64,
+    steps: u32,
+}
+
+const COEF_ONE: i64 = 1 << COEF_FRAC_BITS;
+
+fn to_coefficient(value: f64) -> i64 {
+    libm::round(value * COEF_ONE as f64) as i64
+}
+
+fn mul_coefficients(a: i64, b: i64) -> i64 {
+    ((a as i128 * b as i128 + (1 << (COEF_FRAC_BITS - 1))) >> COEF_FRAC_BITS) as i64
+}
+
+impl Adam {
+    /// Creates Adam with the usual hyperparameters, each rounded to a multiple of `2^-30`
+    /// (`epsilon` to at least `2^-30`).
+    pub fn new(learning_rate: f64, beta1: f64, beta2: f64, epsilon: f64) -> Self {
+        Adam {
+            learning_rate: to_coefficient(learning_rate),
+            beta1: to_coefficient(beta1),
+            beta2: to_coefficient(beta2),
+            epsilon: to_coefficient(epsilon).max(1),
+            beta1_power: COEF_ONE,
+            beta2_power: COEF_ONE,
+            steps: 0,
+        }
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u32 {
+        self.steps
+    }
+
+    /// Applies one step; `first` and `second` are the moments, one per weight, zero at the
+    /// start. Returns the number of saturated updates.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BufferLength`] when the slices differ in length.
+    pub fn step<S: Scalar>(
+        &mut self,
+        weights: &mut [S],
+        gradients: &[S],
+        first: &mut [S::Moment],
+        second: &mut [S::Moment],
+    ) -> Result<u32, Error> {
+        check_len(Buffer::Gradients, weights.len(), gradients.len())?;
+        check_len(Buffer::OptimizerState, weights.len(), first.len())?;
+        check_len(Buffer::OptimizerState, weights.len(), second.len())?;
+
+        self.steps += 1;
+        self.beta1_power = mul_coefficients(self.beta1_power, self.beta1);
+        self.beta2_power = mul_coefficients(self.beta2_power, self.beta2);
+        let correction1 = (COEF_ONE - self.beta1_power).max(1);
+        let correction2 = (COEF_ONE - self.beta2_power).max(0);
+        let root2 = (((correction2 as u128) << COEF_FRAC_BITS).isqrt()) as i128;
+        let step = (self.learning_rate as i128 * root2 / correction1 as i128) as i64;
+        let coefs = AdamCoefficients {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            step,
+            epsilon: self.epsilon,
+        };
+
+        let mut overflows = 0;
+        for (((weight, &gradient), m), v) in weights
+            .iter_mut()
+            .zip(gradients)
+            .zip(first.iter_mut())
+            .zip(second.iter_mut())
+        {
+            S::adam_update(weight, m, v, gradient, &coefs, &mut overflows);
+        }
+        Ok(overflows)
+    }
+}

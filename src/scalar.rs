@@ -1,0 +1,454 @@
+//! The numeric trait the core is generic over, with its `f32`, `f64` and `I16F16` instances.
+//!
+//! Every kernel accumulates exact products in the wide accumulator [`Scalar::Acc`] and rounds
+//! once per output. Fixed-point rounding is to nearest with ties toward positive infinity
+//! (add half an LSB, then shift right arithmetically), on every target, so the host and a
+//! board agree to the bit. Fixed-point overflow saturates and increments the caller's counter;
+//! for floats the counter counts non-finite results instead.
+
+use core::fmt::Debug;
+
+use fixed::types::I16F16;
+
+use crate::activation::{self, Activation};
+
+/// Numeric format tag stored in model files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum NumericFormat {
+    /// IEEE 754 binary32.
+    F32,
+    /// IEEE 754 binary64.
+    F64,
+    /// Signed Q16.16 fixed point (`fixed::types::I16F16`).
+    I16F16,
+}
+
+impl NumericFormat {
+    /// Returns the tag used in the model file.
+    pub const fn code(self) -> u8 {
+        match self {
+            NumericFormat::F32 => 1,
+            NumericFormat::F64 => 2,
+            NumericFormat::I16F16 => 3,
+        }
+    }
+
+    /// Parses a model-file tag.
+    pub const fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(NumericFormat::F32),
+            2 => Some(NumericFormat::F64),
+            3 => Some(NumericFormat::I16F16),
+            _ => None,
+        }
+    }
+
+    /// Returns the size of one stored value in bytes.
+    pub const fn bytes(self) -> usize {
+        match self {
+            NumericFormat::F32 | NumericFormat::I16F16 => 4,
+            NumericFormat::F64 => 8,
+        }
+    }
+
+    /// Returns the lower-case name used on command lines (`f32`, `f64`, `i16f16`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            NumericFormat::F32 => "f32",
+            NumericFormat::F64 => "f64",
+            NumericFormat::I16F16 => "i16f16",
+        }
+    }
+}
+
+/// Numbers the predictive coding core computes with.
+///
+/// Arithmetic that can overflow takes `overflows: &mut u32` and increments it once per
+/// saturated (fixed point) or non-finite (float) result, so a caller can see that a format is
+/// too narrow instead of getting silent garbage.
+pub trait Scalar: Copy + Default + PartialEq + PartialOrd + Debug + 'static {
+    /// Wide accumulator: exact sums of products for fixed point.
+    type Acc: Copy + Debug;
+
+    /// Zero.
+    const ZERO: Self;
+    /// One.
+    const ONE: Self;
+    /// Tag written into model files.
+    const FORMAT: NumericFormat;
+
+    /// Converts from `f64`, rounding to nearest and saturating (host-side conversion only).
+    fn from_f64_rounded(value: f64, overflows: &mut u32) -> Self;
+    /// Converts to `f64` exactly (every value of the supported formats is an `f64`).
+    fn to_f64(self) -> f64;
+    /// Reads a value from its little-endian bytes; `bytes` has `FORMAT.bytes()` bytes.
+    fn from_le_slice(bytes: &[u8]) -> Self;
+    /// Writes the value as little-endian bytes into `out`, which has `FORMAT.bytes()` bytes.
+    fn write_le(self, out: &mut [u8]);
+
+    /// Returns an accumulator holding zero.
+    fn acc_zero() -> Self::Acc;
+    /// Returns `acc + a * b`, with the product exact in fixed point.
+    fn acc_mul_add(acc: Self::Acc, a: Self, b: Self) -> Self::Acc;
+    /// Returns `acc + x`.
+    fn acc_add(acc: Self::Acc, x: Self) -> Self::Acc;
+    /// Returns `acc - x`.
+    fn acc_sub(acc: Self::Acc, x: Self) -> Self::Acc;
+    /// Rounds the accumulator to `Self` (the one rounding of a kernel output).
+    fn acc_round(acc: Self::Acc, overflows: &mut u32) -> Self;
+    /// Returns `acc * scale` rounded once to `Self`.
+    fn acc_scale_round(acc: Self::Acc, scale: Self, overflows: &mut u32) -> Self;
+
+    /// Returns `self + other`, saturating.
+    fn saturating_add(self, other: Self, overflows: &mut u32) -> Self;
+    /// Returns `self - other`, saturating.
+    fn saturating_sub(self, other: Self, overflows: &mut u32) -> Self;
+    /// Returns `self * other` rounded once, saturating.
+    fn saturating_mul(self, other: Self, overflows: &mut u32) -> Self;
+    /// Returns `-self`, saturating.
+    fn saturating_neg(self) -> Self;
+    /// Returns `self / n` rounded once; `n` is at least 1.
+    fn div_int(self, n: u32) -> Self;
+
+    /// Applies the activation function.
+    fn activate(act: Activation, x: Self) -> Self;
+    /// Returns the derivative of the activation function at `x`.
+    fn activate_derivative(act: Activation, x: Self) -> Self;
+
+    /// Adam state per weight (first and second moments), kept wide enough in fixed point that
+    /// squared gradients below one LSB of `Self` do not vanish.
+    type Moment: Copy + Default + Debug;
+    /// Applies one Adam update to `weight` with gradient `grad`; `coefs` holds this step's
+    /// bias-corrected rates.
+    fn adam_update(
+        weight: &mut Self,
+        first: &mut Self::Moment,
+        second: &mut Self::Moment,
+        grad: Self,
+        coefs: &AdamCoefficients,
+        overflows: &mut u32,
+    );
+}
+
+/// Adam's rates for one step, with the bias corrections folded in.
+///
+/// The update is `w -= step * m / (sqrt(v) + epsilon)` with
+/// `step = lr * sqrt(1 - beta2^t) / (1 - beta1^t)`. Every factor is a Q2.30 integer
+/// (`value * 2^30`), computed by integer arithmetic, so fixed-point instances use no float.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdamCoefficients {
+    /// `beta1` in Q2.30.
+    pub beta1: i64,
+    /// `beta2` in Q2.30.
+    pub beta2: i64,
+    /// Bias-corrected learning rate in Q2.30.
+    pub step: i64,
+    /// `epsilon` in Q2.30 (at least one unit).
+    pub epsilon: i64,
+}
+
+/// Fraction bits of the [`AdamCoefficients`] integers.
+pub const COEF_FRAC_BITS: u32 = 30;
+
+fn coef_to_f64(coef: i64) -> f64 {
+    coef as f64 / (1u64 << COEF_FRAC_BITS) as f64
+}
+
+macro_rules! float_scalar {
+    ($t:ty, $format:expr, $bytes:expr, $tanh:path, $sqrt:path) => {
+        impl Scalar for $t {
+            type Acc = $t;
+            type Moment = $t;
+
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            const FORMAT: NumericFormat = $format;
+
+            fn from_f64_rounded(value: f64, overflows: &mut u32) -> Self {
+                let converted = value as $t;
+                if !converted.is_finite() {
+                    *overflows += 1;
+                }
+                converted
+            }
+
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+
+            fn from_le_slice(bytes: &[u8]) -> Self {
+                let mut raw = [0u8; $bytes];
+                raw.copy_from_slice(&bytes[..$bytes]);
+                <$t>::from_le_bytes(raw)
+            }
+
+            fn write_le(self, out: &mut [u8]) {
+                out[..$bytes].copy_from_slice(&self.to_le_bytes());
+            }
+
+            fn acc_zero() -> Self {
+                0.0
+            }
+
+            fn acc_mul_add(acc: Self, a: Self, b: Self) -> Self {
+                acc + a * b
+            }
+
+            fn acc_add(acc: Self, x: Self) -> Self {
+                acc + x
+            }
+
+            fn acc_sub(acc: Self, x: Self) -> Self {
+                acc - x
+            }
+
+            fn acc_round(acc: Self, overflows: &mut u32) -> Self {
+                count_non_finite(acc, overflows)
+            }
+
+            fn acc_scale_round(acc: Self, scale: Self, overflows: &mut u32) -> Self {
+                count_non_finite(acc * scale, overflows)
+            }
+
+            fn saturating_add(self, other: Self, overflows: &mut u32) -> Self {
+                count_non_finite(self + other, overflows)
+            }
+
+            fn saturating_sub(self, other: Self, overflows: &mut u32) -> Self {
+                count_non_finite(self - other, overflows)
+            }
+
+            fn saturating_mul(self, other: Self, overflows: &mut u32) -> Self {
+                count_non_finite(self * other, overflows)
+            }
+
+            fn saturating_neg(self) -> Self {
+                -self
+            }
+
+            fn div_int(self, n: u32) -> Self {
+                self / n as $t
+            }
+
+            fn activate(act: Activation, x: Self) -> Self {
+                activation::float_activate(act, x, $tanh)
+            }
+
+            fn activate_derivative(act: Activation, x: Self) -> Self {
+                activation::float_derivative(act, x, $tanh)
+            }
+
+            fn adam_update(
+                weight: &mut Self,
+                first: &mut Self,
+                second: &mut Self,
+                grad: Self,
+                coefs: &AdamCoefficients,
+                overflows: &mut u32,
+            ) {
+                let beta1 = coef_to_f64(coefs.beta1) as $t;
+                let beta2 = coef_to_f64(coefs.beta2) as $t;
+                *first = beta1 * *first + (1.0 - beta1) * grad;
+                *second = beta2 * *second + (1.0 - beta2) * grad * grad;
+                let step = coef_to_f64(coefs.step) as $t;
+                let epsilon = coef_to_f64(coefs.epsilon) as $t;
+                let update = step * *first / ($sqrt(*second) + epsilon);
+                *weight = count_non_finite(*weight - update, overflows);
+            }
+        }
+    };
+}
+
+fn count_non_finite<T: Into<f64> + Copy>(x: T, overflows: &mut u32) -> T {
+    if !x.into().is_finite() {
+        *overflows += 1;
+    }
+    x
+}
+
+float_scalar!(f32, NumericFormat::F32, 4, libm::tanhf, libm::sqrtf);
+float_scalar!(f64, NumericFormat::F64, 8, libm::tanh, libm::sqrt);
+
+/// Fraction bits of `I16F16`.
+const FRAC: u32 = 16;
+
+/// Rounds `wide` to nearest (ties toward positive infinity) after dropping `shift` bits, then
+/// saturates to an `I16F16` raw value.
+fn round_shift_i128(wide: i128, shift: u32, overflows: &mut u32) -> i32 {
+    let rounded = (wide + (1i128 << (shift - 1))) >> shift;
+    if rounded > i32::MAX as i128 {
+        *overflows += 1;
+        i32::MAX
+    } else if rounded < i32::MIN as i128 {
+        *overflows += 1;
+        i32::MIN
+    } else {
+        rounded as i32
+    }
+}
+
+fn round_shift_i64(wide: i64, shift: u32, overflows: &mut u32) -> i32 {
+    round_shift_i128(wide as i128, shift, overflows)
+}
+
+impl Scalar for I16F16 {
+    /// Exact sum of raw products: 32 fraction bits in an `i64`, saturating instead of wrapping.
+    type Acc = i64;
+    /// Adam moments with 32 fraction bits in an `i64`.
+    type Moment = i64;
+
+    const ZERO: Self = I16F16::ZERO;
+    const ONE: Self = I16F16::ONE;
+    const FORMAT: NumericFormat = NumericFormat::I16F16;
+
+    fn from_f64_rounded(value: f64, overflows: &mut u32) -> Self {
+        if value.is_nan() {
+            *overflows += 1;
+            return I16F16::ZERO;
+        }
+        let scaled = value * (1u64 << FRAC) as f64;
+        // Round half toward positive infinity, as every fixed-point kernel does.
+        let rounded = libm::floor(scaled + 0.5);
+        if rounded > i32::MAX as f64 {
+            *overflows += 1;
+            I16F16::MAX
+        } else if rounded < i32::MIN as f64 {
+            *overflows += 1;
+            I16F16::MIN
+        } else {
+            I16F16::from_bits(rounded as i32)
+        }
+    }
+
+    fn to_f64(self) -> f64 {
+        self.to_bits() as f64 / (1u64 << FRAC) as f64
+    }
+
+    fn from_le_slice(bytes: &[u8]) -> Self {
+        let mut raw = [0u8; 4];
+        raw.copy_from_slice(&bytes[..4]);
+        I16F16::from_bits(i32::from_le_bytes(raw))
+    }
+
+    fn write_le(self, out: &mut [u8]) {
+        out[..4].copy_from_slice(&self.to_bits().to_le_bytes());
+    }
+
+    fn acc_zero() -> i64 {
+        0
+    }
+
+    fn acc_mul_add(acc: i64, a: Self, b: Self) -> i64 {
+        acc.saturating_add(a.to_bits() as i64 * b.to_bits() as i64)
+    }
+
+    fn acc_add(acc: i64, x: Self) -> i64 {
+        acc.saturating_add((x.to_bits() as i64) << FRAC)
+    }
+
+    fn acc_sub(acc: i64, x: Self) -> i64 {
+        acc.saturating_sub((x.to_bits() as i64) << FRAC)
+    }
+
+    fn acc_round(acc: i64, overflows: &mut u32) -> Self {
+        I16F16::from_bits(round_shift_i64(acc, FRAC, overflows))
+    }
+
+    fn acc_scale_round(acc: i64, scale: Self, overflows: &mut u32) -> Self {
+        let wide = acc as i128 * scale.to_bits() as i128;
+        I16F16::from_bits(round_shift_i128(wide, 2 * FRAC, overflows))
+    }
+
+    fn saturating_add(self, other: Self, overflows: &mut u32) -> Self {
+        let sum = self.to_bits() as i64 + other.to_bits() as i64;
+        I16F16::from_bits(saturate_signed(sum, overflows))
+    }
+
+    fn saturating_sub(self, other: Self, overflows: &mut u32) -> Self {
+        let difference = self.to_bits() as i64 - other.to_bits() as i64;
+        I16F16::from_bits(saturate_signed(difference, overflows))
+    }
+
+    fn saturating_mul(self, other: Self, overflows: &mut u32) -> Self {
+        let product = self.to_bits() as i64 * other.to_bits() as i64;
+        I16F16::from_bits(round_shift_i64(product, FRAC, overflows))
+    }
+
+    fn saturating_neg(self) -> Self {
+        self.saturating_neg()
+    }
+
+    fn div_int(self, n: u32) -> Self {
+        let n = n.max(1) as i64;
+        let raw = self.to_bits() as i64;
+        // Round to nearest with ties toward positive infinity, like every other rounding.
+        let quotient = (2 * raw + n).div_euclid(2 * n);
+        I16F16::from_bits(quotient as i32)
+    }
+
+    fn activate(act: Activation, x: Self) -> Self {
+        I16F16::from_bits(activation::q16_activate(act, x.to_bits()))
+    }
+
+    fn activate_derivative(act: Activation, x: Self) -> Self {
+        I16F16::from_bits(activation::q16_derivative(act, x.to_bits()))
+    }
+
+    fn adam_update(
+        weight: &mut Self,
+        first: &mut i64,
+        second: &mut i64,
+        grad: Self,
+        coefs: &AdamCoefficients,
+        overflows: &mut u32,
+    ) {
+        // Moments carry 32 fraction bits; coefficients carry 30.
+        let one = 1i128 << COEF_FRAC_BITS;
+        let g = (grad.to_bits() as i128) << FRAC;
+        let m = (*first as i128 * coefs.beta1 as i128 + g * (one - coefs.beta1 as i128))
+            >> COEF_FRAC_BITS;
+        let g_squared = (grad.to_bits() as i128 * grad.to_bits() as i128) as i128;
+        let v = (*second as i128 * coefs.beta2 as i128 + g_squared * (one - coefs.beta2 as i128))
+            >> COEF_FRAC_BITS;
+        *first = m.clamp(i64::MIN as i128, i64::MAX as i128) as i64;
+        *second = v.clamp(0, i64::MAX as i128) as i64;
+
+        // sqrt(v) with 32 fraction bits: isqrt(v_raw * 2^32).
+        let root = ((*second as u128) << 32).isqrt() as i128;
+        let denominator = root + ((coefs.epsilon as i128) << 2);
+        // update = step * m / denominator, with 16 fraction bits for the weight.
+        let numerator = (coefs.step as i128 * *first as i128) >> (COEF_FRAC_BITS - FRAC);
+        let update = if denominator > 0 {
+            numerator / denominator
+        } else {
+            0
+        };
+        let updated = weight.to_bits() as i128 - update;
+        *weight = I16F16::from_bits(saturate_i128(updated, overflows));
+    }
+}
+
+fn saturate_signed(wide: i64, overflows: &mut u32) -> i32 {
+    if wide > i32::MAX as i64 {
+        *overflows += 1;
+        i32::MAX
+    } else if wide < i32::MIN as i64 {
+        *overflows += 1;
+        i32::MIN
+    } else {
+        wide as i32
+    }
+}
+
+fn saturate_i128(wide: i128, overflows: &mut u32) -> i32 {
+    if wide > i32::MAX as i128 {
+        *overflows += 1;
+        i32::MAX
+    } else if wide < i32::MIN as i128 {
+        *overflows += 1;
+        i32::MIN
+    } else {
+        wide as i32
+    }
+}
