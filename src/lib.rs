@@ -18,6 +18,7 @@
 
 pub mod activation;
 pub mod error;
+pub mod evaluate;
 pub mod infer;
 pub mod learn;
 pub mod model;

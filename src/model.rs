@@ -15,6 +15,7 @@
 //! | 16 | 4 (L+1) | widths `n_0 .. n_L`, each at least 1 |
 //! | | v | inference step size |
 //! | | v | inference tolerance (0 when absent) |
+//! | | v | input scale: raw features are multiplied by it before entering `z_0` |
 //! | | v L | scalings `a_1 .. a_L` |
 //! | | v W | weights, layer by layer, row-major `[n_l][n_(l-1)]` |
 //! | | 4 | CRC-32 (ISO-HDLC, as zlib) of every preceding byte |
@@ -36,6 +37,8 @@ pub const MAGIC: [u8; 4] = *b"FXPC";
 pub const VERSION: u16 = 1;
 
 const HEADER_LEN: usize = 16;
+/// Values stored before the scalings: step size, tolerance, input scale.
+const HEADER_VALUES: usize = 3;
 const FLAG_SKIP: u8 = 1;
 const FLAG_TOLERANCE: u8 = 2;
 const CRC: Crc<u32> = Crc::<u32>::new(&CRC_32_ISO_HDLC);
@@ -43,7 +46,7 @@ const CRC: Crc<u32> = Crc::<u32>::new(&CRC_32_ISO_HDLC);
 /// Size in bytes of a model file for these widths and format.
 pub const fn encoded_len(widths: &[usize], format: NumericFormat) -> usize {
     let depth = widths.len() - 1;
-    let values = 2 + depth + crate::network::weights_len(widths);
+    let values = HEADER_VALUES + depth + crate::network::weights_len(widths);
     HEADER_LEN + 4 * widths.len() + values * format.bytes() + 4
 }
 
@@ -175,7 +178,7 @@ impl<'a> Model<'a> {
             previous = width;
         }
         let expected = weights
-            .checked_add(2 + depth)
+            .checked_add(HEADER_VALUES + depth)
             .and_then(|values| values.checked_mul(format.bytes()))
             .and_then(|value_bytes| value_bytes.checked_add(widths_end + 4))
             .ok_or(Error::Truncated {
@@ -305,6 +308,16 @@ impl<'a> Model<'a> {
         })
     }
 
+    /// Returns the factor raw features are multiplied by before entering the network.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::FormatMismatch`] when `S` is not the file's format.
+    pub fn input_scale<S: Scalar>(&self) -> Result<S, Error> {
+        self.check_format::<S>()?;
+        Ok(self.value(2))
+    }
+
     /// Decodes the scalings `a_1 .. a_L` into `out`.
     ///
     /// # Errors
@@ -314,7 +327,7 @@ impl<'a> Model<'a> {
         self.check_format::<S>()?;
         check_len(Buffer::Scalings, self.header.depth, out.len())?;
         for (index, value) in out.iter_mut().enumerate() {
-            *value = self.value(2 + index);
+            *value = self.value(HEADER_VALUES + index);
         }
         Ok(())
     }
@@ -336,7 +349,7 @@ impl<'a> Model<'a> {
     pub fn weights_into<S: Scalar>(&self, out: &mut [S]) -> Result<(), Error> {
         self.check_format::<S>()?;
         check_len(Buffer::Weights, self.weights_len(), out.len())?;
-        let first = 2 + self.header.depth;
+        let first = HEADER_VALUES + self.header.depth;
         for (index, value) in out.iter_mut().enumerate() {
             *value = self.value(first + index);
         }
@@ -355,6 +368,7 @@ pub fn write_model<S: Scalar>(
     arch: &Arch<'_>,
     parameterisation: Parameterisation,
     inference: &InferenceConfig<S>,
+    input_scale: S,
     scalings: &[S],
     weights: &[S],
     out: &mut [u8],
@@ -400,7 +414,7 @@ pub fn write_model<S: Scalar>(
 
     let size = S::FORMAT.bytes();
     let tolerance = inference.tolerance.unwrap_or(S::ZERO);
-    let header_values = [inference.step_size, tolerance];
+    let header_values = [inference.step_size, tolerance, input_scale];
     for &value in header_values.iter().chain(scalings).chain(weights) {
         value.write_le(&mut out[offset..offset + size]);
         offset += size;
@@ -432,6 +446,7 @@ mod tests {
             &arch,
             Parameterisation::Sp,
             &inference,
+            I16F16::ONE,
             &scalings,
             &weights,
             &mut out,

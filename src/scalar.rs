@@ -272,6 +272,8 @@ float_scalar!(f64, NumericFormat::F64, 8, libm::tanh, libm::sqrt);
 
 /// Fraction bits of `I16F16`.
 const FRAC: u32 = 16;
+/// Extra fraction bits of the fixed-point Adam second moment (48 in all).
+const SECOND_MOMENT_SHIFT: u32 = 16;
 
 /// Rounds `wide` to nearest (ties toward positive infinity) after dropping `shift` bits, then
 /// saturates to an `I16F16` raw value.
@@ -295,7 +297,7 @@ fn round_shift_i64(wide: i64, shift: u32, overflows: &mut u32) -> i32 {
 impl Scalar for I16F16 {
     /// Exact sum of raw products: 32 fraction bits in an `i64`, saturating instead of wrapping.
     type Acc = i64;
-    /// Adam moments with 32 fraction bits in an `i64`.
+    /// Adam moments in an `i64`: 32 fraction bits for the first, 48 for the second.
     type Moment = i64;
 
     const ZERO: Self = I16F16::ZERO;
@@ -403,19 +405,20 @@ impl Scalar for I16F16 {
         coefs: &AdamCoefficients,
         overflows: &mut u32,
     ) {
-        // Moments carry 32 fraction bits; coefficients carry 30.
+        // The first moment carries 32 fraction bits and the second 48, so that the square of a
+        // one-LSB gradient times (1 - beta2) does not round to zero; coefficients carry 30.
         let one = 1i128 << COEF_FRAC_BITS;
         let g = (grad.to_bits() as i128) << FRAC;
         let m = (*first as i128 * coefs.beta1 as i128 + g * (one - coefs.beta1 as i128))
             >> COEF_FRAC_BITS;
-        let g_squared = (grad.to_bits() as i128 * grad.to_bits() as i128) as i128;
+        let g_squared = (grad.to_bits() as i128 * grad.to_bits() as i128) << SECOND_MOMENT_SHIFT;
         let v = (*second as i128 * coefs.beta2 as i128 + g_squared * (one - coefs.beta2 as i128))
             >> COEF_FRAC_BITS;
         *first = m.clamp(i64::MIN as i128, i64::MAX as i128) as i64;
         *second = v.clamp(0, i64::MAX as i128) as i64;
 
-        // sqrt(v) with 32 fraction bits: isqrt(v_raw * 2^32).
-        let root = ((*second as u128) << 32).isqrt() as i128;
+        // sqrt(v) with 32 fraction bits: isqrt(v_raw * 2^16) for 48-bit v.
+        let root = ((*second as u128) << (2 * FRAC - SECOND_MOMENT_SHIFT)).isqrt() as i128;
         let denominator = root + ((coefs.epsilon as i128) << 2);
         // update = step * m / denominator, with 16 fraction bits for the weight.
         let numerator = (coefs.step as i128 * *first as i128) >> (COEF_FRAC_BITS - FRAC);

@@ -1,0 +1,81 @@
+//! Puts `memory.x` on the linker search path, copies the model and sample files named by
+//! `FIXEDPC_MODEL` and `FIXEDPC_SAMPLES` into `OUT_DIR` for `include_bytes!`, and writes the
+//! model's shapes as constants to `OUT_DIR/shapes.rs`, so the firmware sizes its static
+//! buffers at compile time.
+
+use std::env;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+fn main() {
+    let out_dir = PathBuf::from(
+        env::var_os("OUT_DIR").expect("OUT_DIR is not set; run this build script through cargo"),
+    );
+
+    fs::write(out_dir.join("memory.x"), include_bytes!("memory.x"))
+        .expect("failed to write memory.x to OUT_DIR");
+    println!("cargo::rustc-link-search={}", out_dir.display());
+    println!("cargo::rerun-if-changed=memory.x");
+    println!("cargo::rerun-if-changed=build.rs");
+
+    copy_input("FIXEDPC_MODEL", &out_dir.join("model.bin"));
+    copy_input("FIXEDPC_SAMPLES", &out_dir.join("samples.bin"));
+    write_shapes(&out_dir.join("model.bin"), &out_dir.join("shapes.rs"));
+}
+
+/// Writes `WIDTHS`, `ACTIVATION_CODE` and `SKIP` of the model; an absent model gets a 1-1
+/// placeholder network, and the firmware reports that no model is embedded.
+fn write_shapes(model_path: &Path, destination: &Path) {
+    let bytes = fs::read(model_path)
+        .unwrap_or_else(|error| panic!("failed to read {}: {error}", model_path.display()));
+    let (widths, activation, skip) = if bytes.is_empty() {
+        (vec![1, 1], 0, false)
+    } else {
+        let model = fixedpc::Model::parse(&bytes).unwrap_or_else(|error| {
+            panic!("FIXEDPC_MODEL is not a valid model file: {error}. Export one with pcsim.")
+        });
+        let header = model.header();
+        let widths: Vec<usize> = (0..=header.depth).map(|layer| model.width(layer)).collect();
+        (widths, header.activation.code(), header.skip)
+    };
+    let list: Vec<String> = widths.iter().map(usize::to_string).collect();
+    let source = format!(
+        "/// Widths `n_0 .. n_L` of the embedded model.\n\
+         pub const WIDTHS: [usize; {}] = [{}];\n\
+         /// Activation tag of the embedded model.\n\
+         pub const ACTIVATION_CODE: u8 = {activation};\n\
+         /// Whether the embedded model has identity skips.\n\
+         pub const SKIP: bool = {skip};\n",
+        widths.len(),
+        list.join(", ")
+    );
+    fs::write(destination, source)
+        .unwrap_or_else(|error| panic!("failed to write {}: {error}", destination.display()));
+}
+
+/// Copies the file named by the environment variable `var` to `destination`, or writes an
+/// empty file when `var` is unset or empty.
+///
+/// A relative path is resolved against this crate's directory, because cargo runs build
+/// scripts there and does not pass on the directory it was started in.
+fn copy_input(var: &str, destination: &Path) {
+    println!("cargo::rerun-if-env-changed={var}");
+
+    let source = env::var_os(var).filter(|value| !value.is_empty());
+    let Some(source) = source else {
+        fs::write(destination, b"")
+            .unwrap_or_else(|error| panic!("failed to write {}: {error}", destination.display()));
+        return;
+    };
+
+    let source = PathBuf::from(source);
+    println!("cargo::rerun-if-changed={}", source.display());
+    fs::copy(&source, destination).unwrap_or_else(|error| {
+        panic!(
+            "failed to copy {var}={} to {}: {error}. Set {var} to an existing file \
+             or unset it.",
+            source.display(),
+            destination.display()
+        )
+    });
+}
