@@ -1,1 +1,225 @@
-//! Board runs.
+//! Builds and runs the emulated Cortex-M4F board (QEMU `mps2-an386`) and reads its results.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{anyhow, bail, Context, Result};
+use object::{Object, ObjectSection, SectionFlags};
+use serde::Serialize;
+
+/// QEMU machine of the emulated board.
+pub const MACHINE: &str = "mps2-an386";
+
+/// What the firmware reported and what its image needs.
+#[derive(Clone, Debug, Serialize)]
+pub struct BoardRun {
+    /// QEMU machine name.
+    pub machine: &'static str,
+    /// Predicted class per sample, in sample order.
+    pub predictions: Vec<usize>,
+    /// Samples whose prediction equals the label.
+    pub correct: usize,
+    /// CRC-32 over the test protocol's outputs.
+    pub checksum: u32,
+    /// Total inference steps over every sample.
+    pub steps: u64,
+    /// Saturated results reported by the firmware.
+    pub overflows: u64,
+    /// Bytes of flash: vector table, code, read-only data and the initial values of `.data`.
+    pub flash_bytes: u64,
+    /// Bytes of static RAM: `.data`, `.bss` and `.uninit` (the stack is not included).
+    pub ram_bytes: u64,
+    /// Path of the firmware image.
+    pub elf: PathBuf,
+}
+
+/// Directory of the QEMU board crate in this repository.
+pub fn default_board_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../boards/qemu-m4")
+}
+
+/// Fails with install instructions when a tool the board run needs is missing.
+fn require_tool(program: &str, argument: &str, install: &str) -> Result<()> {
+    match Command::new(program)
+        .arg(argument)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+    {
+        Ok(_) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            bail!("{program} not found; the emulated board needs it. Install it with: {install}")
+        }
+        Err(error) => Err(error).with_context(|| format!("cannot start {program}")),
+    }
+}
+
+/// Builds the firmware with the given model and sample files embedded, runs it under QEMU and
+/// parses its log.
+pub fn run_qemu_m4(board_dir: &Path, model: &Path, samples: &Path) -> Result<BoardRun> {
+    require_tool(
+        "qemu-system-arm",
+        "--version",
+        "sudo apt-get install qemu-system-arm",
+    )?;
+    require_tool(
+        "defmt-print",
+        "--version",
+        "cargo install defmt-print --locked",
+    )?;
+    let board_dir = board_dir
+        .canonicalize()
+        .with_context(|| format!("board crate not found at {}", board_dir.display()))?;
+    let model = model
+        .canonicalize()
+        .with_context(|| format!("cannot find {}", model.display()))?;
+    let samples = samples
+        .canonicalize()
+        .with_context(|| format!("cannot find {}", samples.display()))?;
+
+    eprintln!("building the {MACHINE} firmware in {}", board_dir.display());
+    let elf = build_firmware(&board_dir, &model, &samples)?;
+    let (flash_bytes, ram_bytes) = image_sizes(&elf)?;
+
+    eprintln!("running the firmware under qemu-system-arm -machine {MACHINE}");
+    let mut child = Command::new(board_dir.join("qemu-run.sh"))
+        .arg(&elf)
+        .current_dir(&board_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("cannot start qemu-run.sh")?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("no stdout from qemu-run.sh"))?;
+    let mut parser = LogParser::default();
+    for line in BufReader::new(stdout).lines() {
+        parser.line(&line.context("cannot read the firmware log")?);
+    }
+    let status = child.wait().context("cannot wait for qemu-run.sh")?;
+    if !status.success() {
+        let tail = parser.tail.join("\n");
+        bail!("the firmware run failed ({status}); its last log lines:\n{tail}");
+    }
+    let (checksum, steps, overflows) = parser
+        .done
+        .ok_or_else(|| anyhow!("the firmware ended without its 'done' line"))?;
+    Ok(BoardRun {
+        machine: MACHINE,
+        correct: parser.correct,
+        predictions: parser.predictions,
+        checksum,
+        steps,
+        overflows,
+        flash_bytes,
+        ram_bytes,
+        elf,
+    })
+}
+
+fn build_firmware(board_dir: &Path, model: &Path, samples: &Path) -> Result<PathBuf> {
+    let output = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args([
+            "build",
+            "--release",
+            "--message-format=json-render-diagnostics",
+        ])
+        .current_dir(board_dir)
+        .env("FIXEDPC_MODEL", model)
+        .env("FIXEDPC_SAMPLES", samples)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot start cargo to build the firmware")?;
+    if !output.status.success() {
+        bail!(
+            "building the firmware failed ({}); if the target is missing, run: \
+             rustup target add thumbv7em-none-eabihf",
+            output.status
+        );
+    }
+    let mut executable = None;
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if let Some(path) = message.get("executable").and_then(|value| value.as_str()) {
+            executable = Some(PathBuf::from(path));
+        }
+    }
+    executable.ok_or_else(|| anyhow!("cargo did not report the firmware executable"))
+}
+
+/// Returns the flash and static RAM bytes of a firmware image, from its linked sections.
+pub fn image_sizes(elf: &Path) -> Result<(u64, u64)> {
+    let bytes = std::fs::read(elf).with_context(|| format!("cannot read {}", elf.display()))?;
+    let file = object::File::parse(&*bytes)
+        .with_context(|| format!("{} is not an ELF file", elf.display()))?;
+    let (mut flash, mut ram) = (0, 0);
+    for section in file.sections() {
+        let SectionFlags::Elf { sh_flags } = section.flags() else {
+            continue;
+        };
+        let allocated = sh_flags & u64::from(object::elf::SHF_ALLOC) != 0;
+        if !allocated || section.size() == 0 {
+            continue;
+        }
+        let writable = sh_flags & u64::from(object::elf::SHF_WRITE) != 0;
+        let has_contents = section.kind() != object::SectionKind::UninitializedData;
+        if !writable || has_contents {
+            // Code, constants, and the initial values of `.data`, which are copied from flash.
+            flash += section.size();
+        }
+        if writable {
+            ram += section.size();
+        }
+    }
+    Ok((flash, ram))
+}
+
+/// Reads the firmware's decoded defmt lines.
+#[derive(Default)]
+struct LogParser {
+    predictions: Vec<usize>,
+    correct: usize,
+    done: Option<(u32, u64, u64)>,
+    tail: Vec<String>,
+}
+
+/// Returns the word after `key` in a whitespace-separated line.
+fn field<'a>(words: &[&'a str], key: &str) -> Option<&'a str> {
+    let position = words.iter().position(|word| *word == key)?;
+    words.get(position + 1).copied()
+}
+
+impl LogParser {
+    fn line(&mut self, line: &str) {
+        self.tail.push(line.to_string());
+        if self.tail.len() > 20 {
+            self.tail.remove(0);
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.contains(&"done:") {
+            let checksum = field(&words, "checksum")
+                .and_then(|hex| u32::from_str_radix(hex.trim_start_matches("0x"), 16).ok());
+            let steps = field(&words, "steps").and_then(|value| value.parse().ok());
+            let overflows = field(&words, "overflows").and_then(|value| value.parse().ok());
+            if let (Some(checksum), Some(steps), Some(overflows)) = (checksum, steps, overflows) {
+                self.done = Some((checksum, steps, overflows));
+            }
+            return;
+        }
+        let label = field(&words, "label").and_then(|value| value.parse::<usize>().ok());
+        let predicted = field(&words, "predicted").and_then(|value| value.parse::<usize>().ok());
+        if let (Some(label), Some(predicted)) = (label, predicted) {
+            if predicted == label {
+                self.correct += 1;
+            }
+            self.predictions.push(predicted);
+        } else {
+            eprintln!("  board: {line}");
+        }
+    }
+}

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use fixedpc::{Activation, NumericFormat, Parameterisation};
+use fixedpc::{Activation, Parameterisation};
 
 use crate::data::{input_error, InputError};
 use crate::train::{NetworkSpec, OptimizerKind, TrainConfig};
@@ -44,16 +44,6 @@ pub enum Numeric {
     F64,
     /// Signed Q16.16 fixed point (resolution 2^-16, range -32768 to 32768).
     I16f16,
-}
-
-impl Numeric {
-    fn format(self) -> NumericFormat {
-        match self {
-            Numeric::F32 => NumericFormat::F32,
-            Numeric::F64 => NumericFormat::F64,
-            Numeric::I16f16 => NumericFormat::I16F16,
-        }
-    }
 }
 
 /// Data set options shared by the subcommands.
