@@ -11,10 +11,10 @@ use fixedpc::{Network, Scalar, I16F16};
 use serde_json::json;
 
 use crate::board::{self, BoardRun};
+use crate::cli::TrainArgs;
 use crate::data::Dataset;
 use crate::export::{encode, print_epoch, write_file};
 use crate::train::{self, ProtocolResult, Trained};
-use crate::TrainArgs;
 
 /// Options of `pcsim demo`.
 #[derive(Args)]

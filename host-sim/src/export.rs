@@ -8,9 +8,9 @@ use fixedpc::model::{encoded_len, write_model};
 use fixedpc::{Arch, Model, Network, NumericFormat, Scalar, I16F16};
 use serde_json::json;
 
+use crate::cli::{DataArgs, Numeric, TrainArgs};
 use crate::data::{input_error, Dataset};
 use crate::train::{self, EpochReport, Trained};
-use crate::{DataArgs, Numeric, TrainArgs};
 
 /// Prints one epoch's progress line to stderr.
 pub fn print_epoch(label: &str, epochs: usize, report: &EpochReport) {

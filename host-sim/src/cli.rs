@@ -1,0 +1,230 @@
+//! Command-line options of `pcsim`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use fixedpc::{Activation, Parameterisation};
+
+use crate::data::input_error;
+use crate::train::{NetworkSpec, OptimizerKind, TrainConfig};
+use crate::{data, demo};
+
+/// Train and run predictive coding networks in floating and fixed point.
+#[derive(Parser)]
+#[command(name = "pcsim", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    /// Subcommand to run.
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Train a network on a CSV data set and write a model file.
+    Train(TrainArgs),
+    /// Evaluate a model file on a CSV data set.
+    Eval(EvalArgs),
+    /// Train on the bundled digits in f32 and i16f16, then run the i16f16 model on the
+    /// emulated Cortex-M4 board and compare it with the host bit for bit.
+    Demo(demo::DemoArgs),
+}
+
+/// Numeric format a network computes in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Numeric {
+    /// IEEE binary32 floating point.
+    F32,
+    /// IEEE binary64 floating point.
+    F64,
+    /// Signed Q16.16 fixed point (resolution 2^-16, range -32768 to 32768).
+    I16f16,
+}
+
+/// Data set options shared by the subcommands.
+#[derive(Args, Clone, Debug)]
+pub struct DataArgs {
+    /// CSV file without a header: feature columns, then an integer class label
+    /// [default: the bundled data/digits.csv]
+    #[arg(long, value_name = "PATH")]
+    pub data: Option<PathBuf>,
+    /// Rows before this row train, rows from it on test (rows counted from 0)
+    #[arg(long, default_value_t = 1000, value_name = "ROW")]
+    pub split: usize,
+    /// Number of classes; labels must be integers from 0 to CLASSES-1
+    #[arg(long, default_value_t = 10)]
+    pub classes: usize,
+}
+
+impl DataArgs {
+    /// Loads the data set and splits it into training and test rows.
+    pub fn load(&self) -> Result<(data::Dataset, data::Dataset)> {
+        if self.classes < 2 {
+            return Err(input_error(format!(
+                "--classes {} is invalid: need at least 2",
+                self.classes
+            )));
+        }
+        let path = self.data.clone().unwrap_or_else(data::default_digits_path);
+        let all = data::load_csv(&path, self.classes)?;
+        all.split(self.split)
+    }
+}
+
+/// Network and training options.
+#[derive(Args, Clone, Debug)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Numeric format of training and of the written model
+    #[arg(long, value_enum, default_value_t = Numeric::F32)]
+    pub numeric: Numeric,
+    /// Hidden-layer widths, comma-separated; input and output widths come from the data
+    #[arg(long, default_value = "64,64", value_name = "W1,W2,..")]
+    pub arch: String,
+    /// Activation applied to each hidden layer's output before the next layer
+    #[arg(long, default_value = "relu", value_parser = parse_activation)]
+    pub act: Activation,
+    /// Parameterisation of layer scalings and initial weights
+    #[arg(long, default_value = "sp", value_parser = parse_parameterisation)]
+    pub param: Parameterisation,
+    /// Add identity skip connections to hidden-to-hidden layers (needs equal widths)
+    #[arg(long)]
+    pub skip: bool,
+    /// Passes over the training rows
+    #[arg(long, default_value_t = 30)]
+    pub epochs: usize,
+    /// Samples per weight update
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Inference steps T per sample
+    #[arg(long, default_value_t = 20)]
+    pub infer_steps: u32,
+    /// Per-sample inference step size (JPC's batch-averaged step divided by the batch size)
+    #[arg(long, default_value_t = 0.1)]
+    pub infer_rate: f64,
+    /// Stop a sample's inference once one step changes its energy by at most this much
+    /// [default: run all steps]
+    #[arg(long)]
+    pub tolerance: Option<f64>,
+    /// Learning rate of the weight optimiser
+    #[arg(long, default_value_t = 0.2)]
+    pub lr: f64,
+    /// Weight optimiser
+    #[arg(long, value_enum, default_value_t = OptimizerKind::Sgd)]
+    pub optimizer: OptimizerKind,
+    /// Seed of the initial weights and of the shuffling
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Factor applied to every raw feature [default: 1 / the largest training feature]
+    #[arg(long)]
+    pub input_scale: Option<f64>,
+    /// Model file to write
+    #[arg(long, default_value = "model.fpc", value_name = "PATH")]
+    pub out: PathBuf,
+    /// Write a JSON summary to this file
+    #[arg(long, value_name = "PATH")]
+    pub report: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Model file written by `pcsim train`
+    #[arg(long, value_name = "PATH")]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Write a JSON summary to this file
+    #[arg(long, value_name = "PATH")]
+    pub report: Option<PathBuf>,
+}
+
+fn parse_activation(name: &str) -> Result<Activation, String> {
+    Activation::from_name(name).ok_or_else(|| {
+        let names: Vec<_> = Activation::ALL.iter().map(|act| act.name()).collect();
+        format!(
+            "unknown activation '{name}'; expected one of {}",
+            names.join(", ")
+        )
+    })
+}
+
+fn parse_parameterisation(name: &str) -> Result<Parameterisation, String> {
+    match name {
+        "sp" => Ok(Parameterisation::Sp),
+        "mupc" => Ok(Parameterisation::MuPc),
+        _ => Err(format!(
+            "unknown parameterisation '{name}'; expected sp or mupc"
+        )),
+    }
+}
+
+fn parse_hidden(arch: &str) -> Result<Vec<usize>> {
+    if arch.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    arch.split(',')
+        .map(|part| match part.trim().parse::<usize>() {
+            Ok(width) if width > 0 => Ok(width),
+            _ => Err(input_error(format!(
+                "--arch '{arch}' is invalid: '{part}' is not a positive width; \
+                 expected comma-separated hidden widths such as 64,64"
+            ))),
+        })
+        .collect()
+}
+
+impl TrainArgs {
+    /// Builds the network spec and training settings for data with these dimensions.
+    pub fn spec_and_config(&self, train_set: &data::Dataset) -> Result<(NetworkSpec, TrainConfig)> {
+        let mut widths = vec![train_set.feature_count];
+        widths.extend(parse_hidden(&self.arch)?);
+        widths.push(train_set.classes);
+        let input_scale = match self.input_scale {
+            Some(scale) if scale.is_finite() && scale > 0.0 => scale,
+            Some(scale) => {
+                return Err(input_error(format!(
+                    "--input-scale {scale} is invalid: must be > 0"
+                )))
+            }
+            None => {
+                let max = train_set.max_feature();
+                if max > 0.0 {
+                    1.0 / max
+                } else {
+                    1.0
+                }
+            }
+        };
+        for (name, value) in [("--infer-rate", self.infer_rate), ("--lr", self.lr)] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(input_error(format!(
+                    "{name} {value} is invalid: must be > 0"
+                )));
+            }
+        }
+        if self.batch == 0 || self.epochs == 0 {
+            return Err(input_error("--batch and --epochs must be at least 1"));
+        }
+        let spec = NetworkSpec {
+            widths,
+            activation: self.act,
+            parameterisation: self.param,
+            skip: self.skip,
+            input_scale,
+            infer_steps: self.infer_steps,
+            infer_rate: self.infer_rate,
+            tolerance: self.tolerance,
+        };
+        spec.arch()
+            .map_err(|error| input_error(format!("--arch/--skip: {error}")))?;
+        let config = TrainConfig {
+            epochs: self.epochs,
+            batch: self.batch,
+            learning_rate: self.lr,
+            optimizer: self.optimizer,
+            seed: self.seed,
+        };
+        Ok((spec, config))
+    }
+}

@@ -1,0 +1,10 @@
+//! Host side of fixedpc: data loading, training, evaluation, model export and board runs.
+//!
+//! The `pcsim` binary is a thin command line over these modules.
+
+pub mod board;
+pub mod cli;
+pub mod data;
+pub mod demo;
+pub mod export;
+pub mod train;
