@@ -12,6 +12,39 @@
 //! [`Workspace`]; call [`Network::infer_supervised`] per sample, then
 //! [`Network::weight_gradients`] and an optimiser ([`Sgd`], [`Adam`]). At test time the
 //! prediction is [`Network::feedforward`].
+//!
+//! ```
+//! use fixedpc::network::{activities_len, errors_len, scratch_len, weights_len};
+//! use fixedpc::{Activation, Arch, InferenceConfig, Network, Sgd, Workspace, I16F16};
+//!
+//! const WIDTHS: [usize; 3] = [2, 3, 1];
+//! let arch = Arch::new(&WIDTHS, Activation::Tanh, false)?;
+//!
+//! // Every buffer has a size known at compile time.
+//! let mut weights = [I16F16::from_num(0.25); weights_len(&WIDTHS)];
+//! let scalings = [I16F16::ONE; 2];
+//! let mut gradients = [I16F16::ZERO; weights_len(&WIDTHS)];
+//! let mut activities = [I16F16::ZERO; activities_len(&WIDTHS)];
+//! let mut errors = [I16F16::ZERO; errors_len(&WIDTHS)];
+//! let mut scratch = [I16F16::ZERO; scratch_len(&WIDTHS, 1)];
+//! let mut overflows = [0u32; 2];
+//! let mut workspace =
+//!     Workspace::new(&arch, 1, &mut activities, &mut errors, &mut scratch, &mut overflows)?;
+//!
+//! let input = [I16F16::from_num(0.5), I16F16::from_num(-1)];
+//! let target = [I16F16::from_num(0.75)];
+//! let config = InferenceConfig { steps: 20, step_size: I16F16::from_num(0.1), tolerance: None };
+//!
+//! let network = Network::new(arch, &weights, &scalings)?;
+//! let stats = network.infer_supervised(&mut workspace, 0, &input, &target, &config)?;
+//! assert!(stats.final_energy <= stats.initial_energy);
+//! network.weight_gradients(&mut workspace, 1, &mut gradients)?;
+//!
+//! let sgd = Sgd { learning_rate: I16F16::from_num(0.1) };
+//! let saturated = sgd.step(&mut weights, &gradients)?;
+//! assert_eq!(saturated, 0);
+//! # Ok::<(), fixedpc::Error>(())
+//! ```
 #![no_std]
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
