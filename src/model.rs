@@ -212,6 +212,10 @@ impl<'a> Model<'a> {
     }
 
     /// Width `n_layer`.
+    ///
+    /// # Panics
+    ///
+    /// When `layer > header().depth`.
     pub fn width(&self, layer: usize) -> usize {
         read_u32(self.bytes, HEADER_LEN + 4 * layer) as usize
     }

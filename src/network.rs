@@ -206,21 +206,37 @@ impl<'a> Arch<'a> {
     }
 
     /// Width `n_layer`.
+    ///
+    /// # Panics
+    ///
+    /// When `layer > depth()`.
     pub fn width(&self, layer: usize) -> usize {
         self.widths[layer]
     }
 
     /// Offset of layer `layer`'s weights in the weight buffer.
+    ///
+    /// # Panics
+    ///
+    /// When `layer > depth()`.
     pub fn weight_offset(&self, layer: usize) -> usize {
         weights_len(&self.widths[..layer])
     }
 
     /// Offset of `z_layer` in one sample's activities.
+    ///
+    /// # Panics
+    ///
+    /// When `layer > depth()`.
     pub fn activity_offset(&self, layer: usize) -> usize {
         activities_len(&self.widths[..layer])
     }
 
     /// Offset of `e_layer` (1-based) in one sample's errors.
+    ///
+    /// # Panics
+    ///
+    /// When `layer > depth()`.
     pub fn error_offset(&self, layer: usize) -> usize {
         activities_len(&self.widths[1..layer])
     }
@@ -276,6 +292,10 @@ impl<'a, S: Scalar> Network<'a, S> {
     }
 
     /// Weights of layer `layer` (1-based), row-major `[n_layer][n_(layer-1)]`.
+    ///
+    /// # Panics
+    ///
+    /// When `layer` is 0 or above the depth.
     pub fn layer_weights(&self, layer: usize) -> &'a [S] {
         let offset = self.arch.weight_offset(layer);
         let len = self.arch.width(layer) * self.arch.width(layer - 1);
@@ -283,6 +303,10 @@ impl<'a, S: Scalar> Network<'a, S> {
     }
 
     /// Scaling `a_layer` (1-based).
+    ///
+    /// # Panics
+    ///
+    /// When `layer` is 0 or above the depth.
     pub fn scaling(&self, layer: usize) -> S {
         self.scalings[layer - 1]
     }
@@ -355,12 +379,20 @@ impl<'w, S: Scalar> Workspace<'w, S> {
     }
 
     /// Activities `z_0 .. z_L` of sample `sample`, back to back.
+    ///
+    /// # Panics
+    ///
+    /// When `sample >= capacity()`.
     pub fn activities(&self, sample: usize) -> &[S] {
         let len = self.activities_per_sample;
         &self.activities[sample * len..(sample + 1) * len]
     }
 
     /// Errors `e_1 .. e_L` of sample `sample`, back to back.
+    ///
+    /// # Panics
+    ///
+    /// When `sample >= capacity()`.
     pub fn errors(&self, sample: usize) -> &[S] {
         let len = self.errors_per_sample;
         &self.errors[sample * len..(sample + 1) * len]

@@ -48,7 +48,8 @@ pub struct DataArgs {
     /// [default: the bundled data/digits.csv]
     #[arg(long, value_name = "PATH")]
     pub data: Option<PathBuf>,
-    /// Rows before this row train, rows from it on test (rows counted from 0)
+    /// Rows before this row train, rows from it on test (rows counted from 0; `eval` with
+    /// --split 0 tests on every row)
     #[arg(long, default_value_t = 1000, value_name = "ROW")]
     pub split: usize,
     /// Number of classes; labels must be integers from 0 to CLASSES-1
@@ -177,6 +178,9 @@ fn parse_hidden(arch: &str) -> Result<Vec<usize>> {
 impl TrainArgs {
     /// Builds the network spec and training settings for data with these dimensions.
     pub fn spec_and_config(&self, train_set: &data::Dataset) -> Result<(NetworkSpec, TrainConfig)> {
+        if train_set.is_empty() {
+            return Err(input_error("--split 0 leaves no training rows; pick a split above 0"));
+        }
         let mut widths = vec![train_set.feature_count];
         widths.extend(parse_hidden(&self.arch)?);
         widths.push(train_set.classes);

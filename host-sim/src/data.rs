@@ -56,12 +56,12 @@ impl Dataset {
         self.features.iter().copied().fold(0.0, f64::max)
     }
 
-    /// Splits into rows `..at` and `at..`.
+    /// Splits into rows `..at` and `at..`; `at = 0` leaves every row in the second part.
     pub fn split(&self, at: usize) -> Result<(Dataset, Dataset)> {
-        if at == 0 || at >= self.len() {
+        if at >= self.len() {
             return Err(input_error(format!(
                 "split row {at} is invalid: the data set has {} rows, so the split must be \
-                 between 1 and {}",
+                 between 0 and {} to leave test rows",
                 self.len(),
                 self.len().saturating_sub(1)
             )));
@@ -241,6 +241,7 @@ mod tests {
     fn split_checks_bounds() {
         let data = load_text("1,2,3\n4,5,6\n").unwrap();
         assert!(data.split(2).is_err());
+        assert_eq!(data.split(0).unwrap().1.len(), 2);
         let (train, test) = data.split(1).unwrap();
         assert_eq!(train.len(), 1);
         assert_eq!(test.labels, vec![6]);
