@@ -9,6 +9,7 @@ use crc::{Crc, Digest, CRC_32_ISO_HDLC};
 
 use crate::error::{Buffer, Error, Field};
 use crate::infer::InferenceConfig;
+use crate::model::{check_length_and_crc, read_u32};
 use crate::network::{check_len, Network, Workspace};
 use crate::scalar::{NumericFormat, Scalar};
 
@@ -147,12 +148,6 @@ pub struct SampleSet<'a> {
     features: usize,
 }
 
-fn le_u32(bytes: &[u8], offset: usize) -> u32 {
-    let mut raw = [0u8; 4];
-    raw.copy_from_slice(&bytes[offset..offset + 4]);
-    u32::from_le_bytes(raw)
-}
-
 impl<'a> SampleSet<'a> {
     /// Validates a whole sample file.
     ///
@@ -184,34 +179,15 @@ impl<'a> SampleSet<'a> {
                 value: bytes[7] as u32,
             });
         }
-        let count = le_u32(bytes, 8) as usize;
-        let features = le_u32(bytes, 12) as usize;
+        let count = read_u32(bytes, 8) as usize;
+        let features = read_u32(bytes, 12) as usize;
         let expected = features
             .checked_mul(format.bytes())
             .and_then(|row| row.checked_add(4))
             .and_then(|row| row.checked_mul(count))
             .and_then(|rows| rows.checked_add(SAMPLES_HEADER_LEN + 4))
-            .ok_or(Error::Truncated {
-                expected: usize::MAX,
-                actual: bytes.len(),
-            })?;
-        if bytes.len() < expected {
-            return Err(Error::Truncated {
-                expected,
-                actual: bytes.len(),
-            });
-        }
-        if bytes.len() > expected {
-            return Err(Error::TrailingBytes {
-                expected,
-                actual: bytes.len(),
-            });
-        }
-        let stored = le_u32(bytes, expected - 4);
-        let computed = CRC.checksum(&bytes[..expected - 4]);
-        if stored != computed {
-            return Err(Error::ChecksumMismatch { stored, computed });
-        }
+            .unwrap_or(usize::MAX);
+        check_length_and_crc(bytes, expected)?;
         Ok(SampleSet {
             bytes,
             format,
@@ -263,7 +239,7 @@ impl<'a> SampleSet<'a> {
         }
         let size = self.format.bytes();
         let row = SAMPLES_HEADER_LEN + index * (4 + self.features * size);
-        let label = le_u32(self.bytes, row) as usize;
+        let label = read_u32(self.bytes, row) as usize;
         for (k, value) in features.iter_mut().enumerate() {
             let offset = row + 4 + k * size;
             *value = S::from_le_slice(&self.bytes[offset..offset + size]);

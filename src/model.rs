@@ -81,7 +81,31 @@ fn read_u16(bytes: &[u8], offset: usize) -> u16 {
     u16::from_le_bytes([bytes[offset], bytes[offset + 1]])
 }
 
-fn read_u32(bytes: &[u8], offset: usize) -> u32 {
+/// Checks that a file of `bytes` is exactly `expected` bytes long (`usize::MAX` when its header
+/// announces more than memory can hold) and ends with the CRC-32 of everything before it.
+pub(crate) fn check_length_and_crc(bytes: &[u8], expected: usize) -> Result<(), Error> {
+    if bytes.len() < expected {
+        return Err(Error::Truncated {
+            expected,
+            actual: bytes.len(),
+        });
+    }
+    if bytes.len() > expected {
+        return Err(Error::TrailingBytes {
+            expected,
+            actual: bytes.len(),
+        });
+    }
+    let stored = read_u32(bytes, expected - 4);
+    let computed = CRC.checksum(&bytes[..expected - 4]);
+    if stored != computed {
+        return Err(Error::ChecksumMismatch { stored, computed });
+    }
+    Ok(())
+}
+
+/// Reads a little-endian `u32` at `offset`.
+pub(crate) fn read_u32(bytes: &[u8], offset: usize) -> u32 {
     let mut raw = [0u8; 4];
     raw.copy_from_slice(&bytes[offset..offset + 4]);
     u32::from_le_bytes(raw)
@@ -181,28 +205,8 @@ impl<'a> Model<'a> {
             .checked_add(HEADER_VALUES + depth)
             .and_then(|values| values.checked_mul(format.bytes()))
             .and_then(|value_bytes| value_bytes.checked_add(widths_end + 4))
-            .ok_or(Error::Truncated {
-                expected: usize::MAX,
-                actual: bytes.len(),
-            })?;
-        if bytes.len() < expected {
-            return Err(Error::Truncated {
-                expected,
-                actual: bytes.len(),
-            });
-        }
-        if bytes.len() > expected {
-            return Err(Error::TrailingBytes {
-                expected,
-                actual: bytes.len(),
-            });
-        }
-
-        let stored = read_u32(bytes, expected - 4);
-        let computed = CRC.checksum(&bytes[..expected - 4]);
-        if stored != computed {
-            return Err(Error::ChecksumMismatch { stored, computed });
-        }
+            .unwrap_or(usize::MAX);
+        check_length_and_crc(bytes, expected)?;
         Ok(Model { bytes, header })
     }
 

@@ -278,16 +278,7 @@ const SECOND_MOMENT_SHIFT: u32 = 16;
 /// Rounds `wide` to nearest (ties toward positive infinity) after dropping `shift` bits, then
 /// saturates to an `I16F16` raw value.
 fn round_shift_i128(wide: i128, shift: u32, overflows: &mut u32) -> i32 {
-    let rounded = (wide + (1i128 << (shift - 1))) >> shift;
-    if rounded > i32::MAX as i128 {
-        *overflows += 1;
-        i32::MAX
-    } else if rounded < i32::MIN as i128 {
-        *overflows += 1;
-        i32::MIN
-    } else {
-        rounded as i32
-    }
+    saturate_i128((wide + (1i128 << (shift - 1))) >> shift, overflows)
 }
 
 fn round_shift_i64(wide: i64, shift: u32, overflows: &mut u32) -> i32 {
@@ -364,12 +355,12 @@ impl Scalar for I16F16 {
 
     fn saturating_add(self, other: Self, overflows: &mut u32) -> Self {
         let sum = self.to_bits() as i64 + other.to_bits() as i64;
-        I16F16::from_bits(saturate_signed(sum, overflows))
+        I16F16::from_bits(saturate_i128(sum as i128, overflows))
     }
 
     fn saturating_sub(self, other: Self, overflows: &mut u32) -> Self {
         let difference = self.to_bits() as i64 - other.to_bits() as i64;
-        I16F16::from_bits(saturate_signed(difference, overflows))
+        I16F16::from_bits(saturate_i128(difference as i128, overflows))
     }
 
     fn saturating_mul(self, other: Self, overflows: &mut u32) -> Self {
@@ -432,18 +423,7 @@ impl Scalar for I16F16 {
     }
 }
 
-fn saturate_signed(wide: i64, overflows: &mut u32) -> i32 {
-    if wide > i32::MAX as i64 {
-        *overflows += 1;
-        i32::MAX
-    } else if wide < i32::MIN as i64 {
-        *overflows += 1;
-        i32::MIN
-    } else {
-        wide as i32
-    }
-}
-
+/// Saturates to the `i32` range, counting an overflow when it clamps.
 fn saturate_i128(wide: i128, overflows: &mut u32) -> i32 {
     if wide > i32::MAX as i128 {
         *overflows += 1;
