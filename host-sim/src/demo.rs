@@ -51,7 +51,7 @@ fn train_args(demo: &DemoArgs) -> TrainArgs {
     TrainDefaults::parse_from(argv).args
 }
 
-fn train_format<S: Scalar>(
+fn train_format<S: Scalar + Send + Sync>(
     args: &TrainArgs,
     train_set: &Dataset,
     test_set: &Dataset,

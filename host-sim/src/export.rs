@@ -45,7 +45,7 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
 }
 
-fn train_in<S: Scalar>(
+fn train_in<S: Scalar + Send + Sync>(
     args: &TrainArgs,
     train_set: &Dataset,
     test_set: &Dataset,

@@ -198,7 +198,7 @@ impl<S: Scalar> Buffers<S> {
 }
 
 /// Trains a network in format `S` and reports each epoch through `progress`.
-pub fn train<S: Scalar>(
+pub fn train<S: Scalar + Send + Sync>(
     spec: &NetworkSpec,
     config: &TrainConfig,
     train_set: &Dataset,
@@ -232,6 +232,7 @@ pub fn train<S: Scalar>(
     let n_in = train_set.feature_count;
     let n_out = train_set.classes;
     let mut epochs = Vec::new();
+    let threads = std::thread::available_parallelism().map_or(1, |count| count.get());
 
     for epoch in 1..=config.epochs {
         let started = Instant::now();
@@ -240,17 +241,25 @@ pub fn train<S: Scalar>(
         let mut epoch_overflows = 0u64;
 
         for chunk in order.chunks(batch) {
+            let network = Network::new(arch, &weights, &scalings).map_err(anyhow::Error::msg)?;
+            let batch_inputs = BatchInputs {
+                inputs: &inputs,
+                targets: &targets,
+                n_in,
+                n_out,
+            };
+            let (energy, overflows) = infer_batch(
+                &network,
+                &mut buffers,
+                chunk,
+                &batch_inputs,
+                &inference,
+                threads,
+            )?;
+            energy_sum += energy;
+            epoch_overflows += overflows;
             let mut workspace = buffers.workspace(&arch)?;
             workspace.reset_overflows();
-            let network = Network::new(arch, &weights, &scalings).map_err(anyhow::Error::msg)?;
-            for (slot, &row) in chunk.iter().enumerate() {
-                let input = &inputs[row * n_in..(row + 1) * n_in];
-                let target = &targets[row * n_out..(row + 1) * n_out];
-                let stats = network
-                    .infer_supervised(&mut workspace, slot, input, target, &inference)
-                    .map_err(anyhow::Error::msg)?;
-                energy_sum += stats.final_energy.to_f64();
-            }
             network
                 .weight_gradients(&mut workspace, chunk.len(), &mut gradients)
                 .map_err(anyhow::Error::msg)?;
@@ -282,6 +291,86 @@ pub fn train<S: Scalar>(
         weights,
         scalings,
         epochs,
+    })
+}
+
+/// Features and one-hot targets of every training row, row-major.
+struct BatchInputs<'a, S> {
+    inputs: &'a [S],
+    targets: &'a [S],
+    n_in: usize,
+    n_out: usize,
+}
+
+/// Runs supervised inference on `rows`, row `k` in workspace slot `k`, and returns the sum of
+/// final energies and the number of overflows.
+///
+/// Samples infer independently, so the batch is split across up to `threads` threads and the
+/// activities and errors are the same bits for any split.
+fn infer_batch<S: Scalar + Send + Sync>(
+    network: &Network<'_, S>,
+    buffers: &mut Buffers<S>,
+    rows: &[usize],
+    data: &BatchInputs<'_, S>,
+    inference: &InferenceConfig<S>,
+    threads: usize,
+) -> Result<(f64, u64)> {
+    let arch = *network.arch();
+    let per_thread = rows.len().div_ceil(threads.max(1));
+    let activities = buffers
+        .activities
+        .chunks_mut(per_thread * arch.activities_len());
+    let errors = buffers.errors.chunks_mut(per_thread * arch.errors_len());
+    let scratch = buffers.scratch.chunks_mut(per_thread * arch.max_width());
+    let parts = rows
+        .chunks(per_thread)
+        .zip(activities)
+        .zip(errors)
+        .zip(scratch);
+
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = parts
+            .map(|(((rows, activities), errors), scratch)| {
+                scope.spawn(move || -> Result<(f64, u64)> {
+                    let capacity = rows.len();
+                    let activities = &mut activities[..capacity * arch.activities_len()];
+                    let errors = &mut errors[..capacity * arch.errors_len()];
+                    let scratch = &mut scratch[..capacity * arch.max_width()];
+                    let mut overflows = vec![0; arch.depth()];
+                    let mut workspace = Workspace::new(
+                        &arch,
+                        capacity,
+                        activities,
+                        errors,
+                        scratch,
+                        &mut overflows,
+                    )?;
+                    let mut energy = 0.0;
+                    for (slot, &row) in rows.iter().enumerate() {
+                        let input = &data.inputs[row * data.n_in..(row + 1) * data.n_in];
+                        let target = &data.targets[row * data.n_out..(row + 1) * data.n_out];
+                        let stats = network.infer_supervised(
+                            &mut workspace,
+                            slot,
+                            input,
+                            target,
+                            inference,
+                        )?;
+                        energy += stats.final_energy.to_f64();
+                    }
+                    Ok((energy, workspace.total_overflows()))
+                })
+            })
+            .collect();
+        let mut total = (0.0, 0);
+        for handle in handles {
+            let (energy, overflows) = handle
+                .join()
+                .map_err(|_| anyhow::anyhow!("an inference thread panicked"))??;
+            total.0 += energy;
+            total.1 += overflows;
+        }
+        Ok(total)
     })
 }
 
