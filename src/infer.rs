@@ -241,20 +241,22 @@ impl<S: Scalar> Network<'_, S> {
         let e = &workspace.errors[sample * e_len..(sample + 1) * e_len];
         let own_error = &e[self.arch.error_offset(layer)..];
         let next_error = &e[self.arch.error_offset(layer + 1)..][..next_width];
-        let weights = self.layer_weights(layer + 1);
-        let scaling = self.scaling(layer + 1);
         let skip = self.arch.has_skip(layer + 1);
         let overflows = &mut workspace.overflows[layer - 1];
         let activation = self.arch.activation();
 
-        for (j, gradient) in workspace.scratch[..width].iter_mut().enumerate() {
-            // Column j of W_(l+1): the transposed product, rounded once.
-            let mut column = S::acc_zero();
-            for (i, &error) in next_error.iter().enumerate() {
-                column = S::acc_mul_add(column, weights[i * width + j], error);
-            }
-            let feedback = S::acc_scale_round(column, scaling, overflows);
-
+        // Feedback a_(l+1) W_(l+1)^T e_(l+1), rounded once per value, then the gradient in place.
+        let gradients = &mut workspace.scratch[..width];
+        let weights = self.layer_weights(layer + 1);
+        S::transposed_product(
+            weights,
+            next_error,
+            self.scaling(layer + 1),
+            gradients,
+            overflows,
+        );
+        for (j, gradient) in gradients.iter_mut().enumerate() {
+            let feedback = *gradient;
             let slope = S::activate_derivative(activation, z[j]);
             let mut sum = S::acc_add(S::acc_zero(), own_error[j]);
             sum = S::acc_mul_add(sum, slope.saturating_neg(), feedback);
@@ -292,10 +294,7 @@ impl<S: Scalar> Network<'_, S> {
         let scaling = self.scaling(layer);
         let skip = self.arch.has_skip(layer);
         for (i, row) in weights.chunks_exact(input_width).enumerate() {
-            let mut sum = S::acc_zero();
-            for (&w, &x) in row.iter().zip(activated.iter()) {
-                sum = S::acc_mul_add(sum, w, x);
-            }
+            let sum = S::dot(row, activated);
             let mut mu = S::acc_scale_round(sum, scaling, overflows);
             if skip {
                 mu = mu.saturating_add(input[i], overflows);

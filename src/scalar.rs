@@ -106,6 +106,17 @@ pub trait Scalar: Copy + Default + PartialEq + PartialOrd + Debug + 'static {
     fn saturating_sub(self, other: Self, overflows: &mut u32) -> Self;
     /// Returns `self * other` rounded once, saturating.
     fn saturating_mul(self, other: Self, overflows: &mut u32) -> Self;
+    /// Returns `self * other` rounded stochastically, saturating.
+    ///
+    /// Fixed point rounds down after adding the low bits of `random` below the dropped bits,
+    /// so a product of `k / 2^16` of an LSB rounds up with probability `k / 2^16`: an update
+    /// smaller than one LSB survives on average instead of always rounding to zero. The
+    /// default, used by the float formats, ignores `random` and rounds as
+    /// [`Scalar::saturating_mul`].
+    fn saturating_mul_stochastic(self, other: Self, random: u32, overflows: &mut u32) -> Self {
+        let _ = random;
+        self.saturating_mul(other, overflows)
+    }
     /// Returns `-self`, saturating.
     fn saturating_neg(self) -> Self;
     /// Returns `self / n` rounded once; `n` is at least 1.
@@ -115,6 +126,32 @@ pub trait Scalar: Copy + Default + PartialEq + PartialOrd + Debug + 'static {
     fn activate(act: Activation, x: Self) -> Self;
     /// Returns the derivative of the activation function at `x`.
     fn activate_derivative(act: Activation, x: Self) -> Self;
+
+    /// Returns the accumulated dot product `sum_k a[k] b[k]` of two equally long slices.
+    ///
+    /// Fixed point sums exact products in order; floats may reorder the sum for speed.
+    fn dot(a: &[Self], b: &[Self]) -> Self::Acc {
+        a.iter().zip(b).fold(Self::acc_zero(), |sum, (&x, &y)| Self::acc_mul_add(sum, x, y))
+    }
+
+    /// Writes `out[j] = scale * sum_i matrix[i][j] vector[i]`, rounded once per output, for a
+    /// row-major `matrix` with `vector.len()` rows and `out.len()` columns.
+    fn transposed_product(
+        matrix: &[Self],
+        vector: &[Self],
+        scale: Self,
+        out: &mut [Self],
+        overflows: &mut u32,
+    ) {
+        let columns = out.len();
+        for (j, value) in out.iter_mut().enumerate() {
+            let mut sum = Self::acc_zero();
+            for (i, &element) in vector.iter().enumerate() {
+                sum = Self::acc_mul_add(sum, matrix[i * columns + j], element);
+            }
+            *value = Self::acc_scale_round(sum, scale, overflows);
+        }
+    }
 
     /// Adam state per weight (first and second moments), kept wide enough in fixed point that
     /// squared gradients below one LSB of `Self` do not vanish.
@@ -237,6 +274,41 @@ macro_rules! float_scalar {
 
             fn activate_derivative(act: Activation, x: Self) -> Self {
                 activation::float_derivative(act, x, $tanh)
+            }
+
+            fn dot(a: &[Self], b: &[Self]) -> Self {
+                // Independent partial sums let the compiler vectorise the loop.
+                const LANES: usize = 8;
+                let mut partial = [0.0; LANES];
+                let a_chunks = a.chunks_exact(LANES);
+                let b_chunks = b.chunks_exact(LANES);
+                let tail: Self =
+                    a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
+                for (x, y) in a_chunks.zip(b_chunks) {
+                    for lane in 0..LANES {
+                        partial[lane] += x[lane] * y[lane];
+                    }
+                }
+                partial.iter().sum::<Self>() + tail
+            }
+
+            fn transposed_product(
+                matrix: &[Self],
+                vector: &[Self],
+                scale: Self,
+                out: &mut [Self],
+                overflows: &mut u32,
+            ) {
+                // Row by row, so the inner loop runs over contiguous weights.
+                out.fill(0.0);
+                for (row, &element) in matrix.chunks_exact(out.len()).zip(vector) {
+                    for (value, &weight) in out.iter_mut().zip(row) {
+                        *value += weight * element;
+                    }
+                }
+                for value in out.iter_mut() {
+                    *value = count_non_finite(*value * scale, overflows);
+                }
             }
 
             fn adam_update(
@@ -366,6 +438,14 @@ impl Scalar for I16F16 {
     fn saturating_mul(self, other: Self, overflows: &mut u32) -> Self {
         let product = self.to_bits() as i64 * other.to_bits() as i64;
         I16F16::from_bits(round_shift_i64(product, FRAC, overflows))
+    }
+
+    fn saturating_mul_stochastic(self, other: Self, random: u32, overflows: &mut u32) -> Self {
+        let product = self.to_bits() as i64 * other.to_bits() as i64;
+        // Only the 16 dropped bits take part, so the offset is below one LSB of the result.
+        let offset = (random & ((1 << FRAC) - 1)) as i64;
+        let rounded = (product + offset) >> FRAC;
+        I16F16::from_bits(saturate_i128(rounded as i128, overflows))
     }
 
     fn saturating_neg(self) -> Self {
