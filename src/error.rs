@@ -207,16 +207,17 @@ impl fmt::Display for Error {
             Error::Truncated { expected, actual } => {
                 write!(
                     f,
-                    "model file is truncated: {actual} bytes, the header needs {expected}"
+                    "file is truncated: {actual} bytes, the header announces {expected}"
                 )
             }
             Error::TrailingBytes { expected, actual } => write!(
                 f,
-                "model file has {actual} bytes, the header announces {expected}: trailing data"
+                "file has {actual} bytes, the header announces {expected}: trailing data"
             ),
             Error::ChecksumMismatch { stored, computed } => write!(
                 f,
-                "model file is corrupt: stored CRC-32 {stored:#010x}, computed {computed:#010x}"
+                "file is corrupt: stored CRC-32 {stored:#010x}, computed {computed:#010x}; \
+                 write or copy it again"
             ),
             Error::InvalidField { field, value } => {
                 write!(f, "model file has invalid {field:?} value {value}")

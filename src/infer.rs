@@ -52,7 +52,7 @@ impl<S: Scalar> Network<'_, S> {
         sample: usize,
         input: &[S],
     ) -> Result<&'w [S], Error> {
-        workspace.check(&self.arch, sample + 1)?;
+        workspace.check(&self.arch, sample.saturating_add(1))?;
         check_len(Buffer::Input, self.arch.width(0), input.len())?;
         let per_sample = workspace.activities_per_sample;
         let z = &mut workspace.activities[sample * per_sample..(sample + 1) * per_sample];
@@ -149,7 +149,7 @@ impl<S: Scalar> Network<'_, S> {
         workspace: &mut Workspace<'_, S>,
         sample: usize,
     ) -> Result<S, Error> {
-        workspace.check(&self.arch, sample + 1)?;
+        workspace.check(&self.arch, sample.saturating_add(1))?;
         let z_len = workspace.activities_per_sample;
         let e_len = workspace.errors_per_sample;
         let z = &workspace.activities[sample * z_len..(sample + 1) * z_len];
@@ -190,7 +190,7 @@ impl<S: Scalar> Network<'_, S> {
         sample: usize,
         step_size: S,
     ) -> Result<(), Error> {
-        workspace.check(&self.arch, sample + 1)?;
+        workspace.check(&self.arch, sample.saturating_add(1))?;
         for layer in 1..self.arch.depth() {
             let width = self.arch.width(layer);
             self.activity_gradient_into(workspace, sample, layer)?;
@@ -218,7 +218,7 @@ impl<S: Scalar> Network<'_, S> {
         sample: usize,
         layer: usize,
     ) -> Result<&'w [S], Error> {
-        workspace.check(&self.arch, sample + 1)?;
+        workspace.check(&self.arch, sample.saturating_add(1))?;
         self.activity_gradient_into(workspace, sample, layer)?;
         Ok(&workspace.scratch[..self.arch.width(layer)])
     }

@@ -91,6 +91,89 @@ impl<S: Scalar> Sgd<S> {
     }
 }
 
+/// Marsaglia's xorshift32 generator (shifts 13, 17, 5): small, fast on any core, and the same
+/// sequence on every target for a given seed. Not for cryptography.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XorShift32 {
+    state: u32,
+}
+
+impl XorShift32 {
+    /// Seed used in place of 0, which is the one state xorshift never leaves.
+    pub const ZERO_SEED_REPLACEMENT: u32 = 0x9E37_79B9;
+
+    /// Creates a generator; seed 0 is replaced by [`XorShift32::ZERO_SEED_REPLACEMENT`].
+    pub const fn new(seed: u32) -> Self {
+        let state = if seed == 0 {
+            Self::ZERO_SEED_REPLACEMENT
+        } else {
+            seed
+        };
+        XorShift32 { state }
+    }
+
+    /// Advances the generator and returns its new state, never 0.
+    pub fn next_u32(&mut self) -> u32 {
+        let mut x = self.state;
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        self.state = x;
+        x
+    }
+
+    /// Current state, from which [`XorShift32::new`] resumes the same sequence.
+    pub fn state(&self) -> u32 {
+        self.state
+    }
+}
+
+/// Stochastic gradient descent with stochastically rounded updates, `w <- w - round(lr * g)`.
+///
+/// In fixed point, round to nearest drops every update below half an LSB, so small learning
+/// rates or small gradients stall training. Here each product `lr * g` rounds up with a
+/// probability equal to its dropped fraction (see [`Scalar::saturating_mul_stochastic`]), so
+/// the expected update is the exact one. The random bits come from a seeded [`XorShift32`],
+/// one draw per weight in weight order, so a host and a board with the same seed and the same
+/// gradients produce the same weights. Float formats ignore the random bits and match
+/// [`Sgd`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StochasticSgd<S> {
+    /// Learning rate.
+    pub learning_rate: S,
+    /// Source of the rounding offsets; it advances by one draw per weight and step.
+    pub rng: XorShift32,
+}
+
+impl<S: Scalar> StochasticSgd<S> {
+    /// Creates the optimiser with its generator seeded by `seed`.
+    pub fn new(learning_rate: S, seed: u32) -> Self {
+        StochasticSgd {
+            learning_rate,
+            rng: XorShift32::new(seed),
+        }
+    }
+
+    /// Applies one step and returns the number of saturated updates.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BufferLength`] when the slices differ in length; the weights and the
+    /// generator are then unchanged.
+    pub fn step(&mut self, weights: &mut [S], gradients: &[S]) -> Result<u32, Error> {
+        check_len(Buffer::Gradients, weights.len(), gradients.len())?;
+        let mut overflows = 0;
+        for (weight, &gradient) in weights.iter_mut().zip(gradients) {
+            let random = self.rng.next_u32();
+            let change =
+                self.learning_rate
+                    .saturating_mul_stochastic(gradient, random, &mut overflows);
+            *weight = weight.saturating_sub(change, &mut overflows);
+        }
+        Ok(overflows)
+    }
+}
+
 /// Adam with bias correction, computed identically on every target.
 ///
 /// Hyperparameters are Q2.30 integers (see [`AdamCoefficients`]), so the bias corrections
@@ -178,5 +261,101 @@ impl Adam {
             S::adam_update(weight, m, v, gradient, &coefs, &mut overflows);
         }
         Ok(overflows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fixed::types::I16F16;
+
+    use super::*;
+
+    /// Minimises `1/2 (w - target)^2` from `w = 0` with gradient `w - target`.
+    fn fit_scalar(steps: usize, stochastic: bool) -> I16F16 {
+        let target = I16F16::from_num(0.005);
+        // lr * (w - target) is about 0.33 LSB at the start, so round to nearest drops it.
+        let learning_rate = I16F16::from_num(0.001);
+        let mut weights = [I16F16::ZERO];
+        let mut sgd = StochasticSgd::new(learning_rate, 7);
+        let nearest = Sgd { learning_rate };
+        for _ in 0..steps {
+            let gradients = [weights[0] - target];
+            if stochastic {
+                sgd.step(&mut weights, &gradients).unwrap();
+            } else {
+                nearest.step(&mut weights, &gradients).unwrap();
+            }
+        }
+        weights[0]
+    }
+
+    #[test]
+    fn nearest_rounding_stalls_below_one_lsb() {
+        assert_eq!(fit_scalar(20_000, false), I16F16::ZERO);
+    }
+
+    #[test]
+    fn stochastic_rounding_converges_below_one_lsb() {
+        let weight = fit_scalar(20_000, true);
+        let error = (weight - I16F16::from_num(0.005)).abs();
+        assert!(
+            error < I16F16::from_num(0.0005),
+            "weight {weight} after 20000 steps"
+        );
+    }
+
+    #[test]
+    fn stochastic_rounding_is_unbiased() {
+        // 0.25 LSB per step: about a quarter of 4096 draws round up.
+        let lsb = I16F16::from_bits(1);
+        let quarter = I16F16::from_num(0.25);
+        let mut rng = XorShift32::new(1);
+        let mut overflows = 0;
+        let mut ups = 0;
+        for _ in 0..4096 {
+            let product = lsb.saturating_mul_stochastic(quarter, rng.next_u32(), &mut overflows);
+            ups += product.to_bits();
+        }
+        assert!((900..1150).contains(&ups), "{ups} of 4096 rounded up");
+        assert_eq!(overflows, 0);
+    }
+
+    #[test]
+    fn stochastic_rounding_is_exact_on_representable_products() {
+        let mut overflows = 0;
+        for random in [0, 1, 0xFFFF, u32::MAX] {
+            let product = I16F16::from_num(1.5).saturating_mul_stochastic(
+                I16F16::from_num(-2),
+                random,
+                &mut overflows,
+            );
+            assert_eq!(product, I16F16::from_num(-3));
+        }
+        assert_eq!(overflows, 0);
+    }
+
+    #[test]
+    fn xorshift_matches_reference_sequence() {
+        // First outputs of Marsaglia's xorshift32 (13, 17, 5) from seed 1.
+        let mut rng = XorShift32::new(1);
+        assert_eq!(rng.next_u32(), 270_369);
+        assert_eq!(rng.next_u32(), 67_634_689);
+        assert_eq!(rng.next_u32(), 2_647_435_461);
+    }
+
+    #[test]
+    fn xorshift_replaces_zero_seed() {
+        let mut rng = XorShift32::new(0);
+        assert_eq!(rng.state(), XorShift32::ZERO_SEED_REPLACEMENT);
+        assert_ne!(rng.next_u32(), 0);
+    }
+
+    #[test]
+    fn stochastic_sgd_rejects_length_mismatch() {
+        let mut sgd = StochasticSgd::new(I16F16::ONE, 3);
+        let before = sgd.rng;
+        let mut weights = [I16F16::ZERO; 2];
+        assert!(sgd.step(&mut weights, &[I16F16::ONE]).is_err());
+        assert_eq!(sgd.rng, before);
     }
 }

@@ -63,7 +63,7 @@ pub use activation::Activation;
 pub use error::Error;
 pub use fixed::types::I16F16;
 pub use infer::{InferenceConfig, InferenceStats};
-pub use learn::{Adam, Sgd};
+pub use learn::{Adam, Sgd, StochasticSgd, XorShift32};
 pub use model::Model;
 pub use network::{Arch, Network, Parameterisation, Workspace};
 pub use scalar::{NumericFormat, Scalar};

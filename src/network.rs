@@ -356,11 +356,19 @@ impl<'w, S: Scalar> Workspace<'w, S> {
     ) -> Result<Self, Error> {
         check_len(
             Buffer::Activities,
-            capacity * arch.activities_len(),
+            capacity.saturating_mul(arch.activities_len()),
             activities.len(),
         )?;
-        check_len(Buffer::Errors, capacity * arch.errors_len(), errors.len())?;
-        check_len(Buffer::Scratch, capacity * arch.max_width(), scratch.len())?;
+        check_len(
+            Buffer::Errors,
+            capacity.saturating_mul(arch.errors_len()),
+            errors.len(),
+        )?;
+        check_len(
+            Buffer::Scratch,
+            capacity.saturating_mul(arch.max_width()),
+            scratch.len(),
+        )?;
         check_len(Buffer::Overflows, arch.depth(), overflows.len())?;
         Ok(Workspace {
             activities,

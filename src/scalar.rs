@@ -108,9 +108,9 @@ pub trait Scalar: Copy + Default + PartialEq + PartialOrd + Debug + 'static {
     fn saturating_mul(self, other: Self, overflows: &mut u32) -> Self;
     /// Returns `self * other` rounded stochastically, saturating.
     ///
-    /// Fixed point rounds down after adding the low bits of `random` below the dropped bits,
-    /// so a product of `k / 2^16` of an LSB rounds up with probability `k / 2^16`: an update
-    /// smaller than one LSB survives on average instead of always rounding to zero. The
+    /// Fixed point adds the low 16 bits of `random` to the dropped bits, then rounds down. So
+    /// a product `k / 2^16` of an LSB above a representable value rounds up with probability
+    /// `k / 2^16`, and an update smaller than one LSB survives on average. The
     /// default, used by the float formats, ignores `random` and rounds as
     /// [`Scalar::saturating_mul`].
     fn saturating_mul_stochastic(self, other: Self, random: u32, overflows: &mut u32) -> Self {
@@ -131,7 +131,9 @@ pub trait Scalar: Copy + Default + PartialEq + PartialOrd + Debug + 'static {
     ///
     /// Fixed point sums exact products in order; floats may reorder the sum for speed.
     fn dot(a: &[Self], b: &[Self]) -> Self::Acc {
-        a.iter().zip(b).fold(Self::acc_zero(), |sum, (&x, &y)| Self::acc_mul_add(sum, x, y))
+        a.iter().zip(b).fold(Self::acc_zero(), |sum, (&x, &y)| {
+            Self::acc_mul_add(sum, x, y)
+        })
     }
 
     /// Writes `out[j] = scale * sum_i matrix[i][j] vector[i]`, rounded once per output, for a
@@ -282,8 +284,12 @@ macro_rules! float_scalar {
                 let mut partial = [0.0; LANES];
                 let a_chunks = a.chunks_exact(LANES);
                 let b_chunks = b.chunks_exact(LANES);
-                let tail: Self =
-                    a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
+                let tail: Self = a_chunks
+                    .remainder()
+                    .iter()
+                    .zip(b_chunks.remainder())
+                    .map(|(x, y)| x * y)
+                    .sum();
                 for (x, y) in a_chunks.zip(b_chunks) {
                     for lane in 0..LANES {
                         partial[lane] += x[lane] * y[lane];
@@ -358,8 +364,10 @@ fn round_shift_i64(wide: i64, shift: u32, overflows: &mut u32) -> i32 {
 }
 
 impl Scalar for I16F16 {
-    /// Exact sum of raw products: 32 fraction bits in an `i64`, saturating instead of wrapping.
-    type Acc = i64;
+    /// Exact sum of raw products with 32 fraction bits. An `i64` overflows after a few
+    /// full-range products and can only clamp the running sum, losing products that cancel
+    /// later; an `i128` holds any sum of fewer than 2^64 products exactly.
+    type Acc = i128;
     /// Adam moments in an `i64`: 32 fraction bits for the first, 48 for the second.
     type Moment = i64;
 
@@ -400,29 +408,40 @@ impl Scalar for I16F16 {
         out[..4].copy_from_slice(&self.to_bits().to_le_bytes());
     }
 
-    fn acc_zero() -> i64 {
+    fn acc_zero() -> i128 {
         0
     }
 
-    fn acc_mul_add(acc: i64, a: Self, b: Self) -> i64 {
-        acc.saturating_add(a.to_bits() as i64 * b.to_bits() as i64)
+    fn acc_mul_add(acc: i128, a: Self, b: Self) -> i128 {
+        acc + (a.to_bits() as i64 * b.to_bits() as i64) as i128
     }
 
-    fn acc_add(acc: i64, x: Self) -> i64 {
-        acc.saturating_add((x.to_bits() as i64) << FRAC)
+    fn acc_add(acc: i128, x: Self) -> i128 {
+        acc + ((x.to_bits() as i128) << FRAC)
     }
 
-    fn acc_sub(acc: i64, x: Self) -> i64 {
-        acc.saturating_sub((x.to_bits() as i64) << FRAC)
+    fn acc_sub(acc: i128, x: Self) -> i128 {
+        acc - ((x.to_bits() as i128) << FRAC)
     }
 
-    fn acc_round(acc: i64, overflows: &mut u32) -> Self {
-        I16F16::from_bits(round_shift_i64(acc, FRAC, overflows))
+    fn acc_round(acc: i128, overflows: &mut u32) -> Self {
+        I16F16::from_bits(round_shift_i128(acc, FRAC, overflows))
     }
 
-    fn acc_scale_round(acc: i64, scale: Self, overflows: &mut u32) -> Self {
-        let wide = acc as i128 * scale.to_bits() as i128;
-        I16F16::from_bits(round_shift_i128(wide, 2 * FRAC, overflows))
+    fn acc_scale_round(acc: i128, scale: Self, overflows: &mut u32) -> Self {
+        match acc.checked_mul(scale.to_bits() as i128) {
+            Some(wide) => I16F16::from_bits(round_shift_i128(wide, 2 * FRAC, overflows)),
+            None => {
+                // Only sums of more than 2^32 full-range products get here.
+                *overflows += 1;
+                let negative = (acc < 0) != (scale.to_bits() < 0);
+                if negative {
+                    I16F16::MIN
+                } else {
+                    I16F16::MAX
+                }
+            }
+        }
     }
 
     fn saturating_add(self, other: Self, overflows: &mut u32) -> Self {
