@@ -55,9 +55,9 @@ fn require_tool(program: &str, argument: &str, install: &str) -> Result<()> {
     }
 }
 
-/// Builds the firmware with the given model and sample files embedded, runs it under QEMU and
-/// parses its log.
-pub fn run_qemu_m4(board_dir: &Path, model: &Path, samples: &Path) -> Result<BoardRun> {
+/// Checks that the board crate and the tools a board run needs are present, before any long
+/// work, and returns the board crate's absolute path.
+pub fn check_prerequisites(board_dir: &Path) -> Result<PathBuf> {
     require_tool(
         "qemu-system-arm",
         "--version",
@@ -68,9 +68,23 @@ pub fn run_qemu_m4(board_dir: &Path, model: &Path, samples: &Path) -> Result<Boa
         "--version",
         "cargo install defmt-print --locked",
     )?;
-    let board_dir = board_dir
+    let manifest = board_dir.join("Cargo.toml");
+    if !manifest.is_file() {
+        return Err(crate::data::input_error(format!(
+            "board crate not found: {} does not exist; pass the boards/qemu-m4 directory of a \
+             fixedpc checkout with --board-dir",
+            manifest.display()
+        )));
+    }
+    board_dir
         .canonicalize()
-        .with_context(|| format!("board crate not found at {}", board_dir.display()))?;
+        .with_context(|| format!("cannot resolve {}", board_dir.display()))
+}
+
+/// Builds the firmware with the given model and sample files embedded, runs it under QEMU and
+/// parses its log.
+pub fn run_qemu_m4(board_dir: &Path, model: &Path, samples: &Path) -> Result<BoardRun> {
+    let board_dir = check_prerequisites(board_dir)?;
     let model = model
         .canonicalize()
         .with_context(|| format!("cannot find {}", model.display()))?;

@@ -8,7 +8,7 @@ use fixedpc::{Activation, Parameterisation};
 
 use crate::data::input_error;
 use crate::train::{NetworkSpec, OptimizerKind, TrainConfig};
-use crate::{data, demo};
+use crate::{check, data, demo, learn, mnist};
 
 /// Train and run predictive coding networks in floating and fixed point.
 #[derive(Parser)]
@@ -22,12 +22,20 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Train a network on a CSV data set and write a model file.
+    #[command(allow_negative_numbers = true)]
     Train(TrainArgs),
     /// Evaluate a model file on a CSV data set.
+    #[command(allow_negative_numbers = true)]
     Eval(EvalArgs),
     /// Train on the bundled digits in f32 and i16f16, then run the i16f16 model on the
     /// emulated Cortex-M4 board and compare it with the host bit for bit.
     Demo(demo::DemoArgs),
+    /// Check a golden case computed by JPC: the f64 reference and the core in f64 against
+    /// JPC, and the core in i16f16 against its error bound.
+    Check(check::CheckArgs),
+    /// Run a board: `pcsim board learn` trains it over its serial link.
+    #[command(subcommand)]
+    Board(learn::BoardCommand),
 }
 
 /// Numeric format a network computes in.
@@ -44,15 +52,23 @@ pub enum Numeric {
 /// Data set options shared by the subcommands.
 #[derive(Args, Clone, Debug)]
 pub struct DataArgs {
-    /// CSV file without a header: feature columns, then an integer class label
-    /// [default: the bundled data/digits.csv]
-    #[arg(long, value_name = "PATH")]
-    pub data: Option<PathBuf>,
-    /// Rows before this row train, rows from it on test (rows counted from 0; `eval` with
-    /// --split 0 tests on every row)
-    #[arg(long, default_value_t = 1000, value_name = "ROW")]
-    pub split: usize,
-    /// Number of classes; labels must be integers from 0 to CLASSES-1
+    /// Data set: `digits` (bundled 8x8 digits), `mnist` (bundled 10,000 MNIST images), a CSV
+    /// file (feature columns, then an integer class label), or an MNIST IDX image file
+    /// (`*images-idx3-ubyte`, plain or `.gz`, with the labels in the matching
+    /// `*labels-idx1-ubyte` file)
+    #[arg(
+        long,
+        alias = "data",
+        default_value = "digits",
+        value_name = "NAME|PATH"
+    )]
+    pub dataset: String,
+    /// Rows before this row train, rows from it on test, counted from 0; `eval` with
+    /// --split 0 tests on every row [default: 1000 for digits, 8000 for mnist, 80% of the rows
+    /// otherwise]
+    #[arg(long, value_name = "ROW")]
+    pub split: Option<usize>,
+    /// Number of classes of a CSV data set; labels must be integers from 0 to CLASSES-1
     #[arg(long, default_value_t = 10)]
     pub classes: usize,
 }
@@ -66,9 +82,26 @@ impl DataArgs {
                 self.classes
             )));
         }
-        let path = self.data.clone().unwrap_or_else(data::default_digits_path);
-        let all = data::load_csv(&path, self.classes)?;
-        all.split(self.split)
+        let (all, default_split) = match self.dataset.as_str() {
+            "digits" => (
+                data::load_csv(&data::default_digits_path(), self.classes)?,
+                1000,
+            ),
+            "mnist" => {
+                let (images, labels) = data::default_mnist_paths();
+                (mnist::load_idx(&images, &labels)?, 8000)
+            }
+            path => {
+                let path = std::path::Path::new(path);
+                let all = match mnist::labels_path_for(path) {
+                    Some(labels) => mnist::load_idx(path, &labels)?,
+                    None => data::load_csv(path, self.classes)?,
+                };
+                let default_split = all.len() * 4 / 5;
+                (all, default_split)
+            }
+        };
+        all.split(self.split.unwrap_or(default_split))
     }
 }
 
@@ -83,10 +116,18 @@ pub struct TrainArgs {
     /// Hidden-layer widths, comma-separated; input and output widths come from the data
     #[arg(long, default_value = "64,64", value_name = "W1,W2,..")]
     pub arch: String,
-    /// Activation applied to each hidden layer's output before the next layer
+    /// Hidden width of a network of --depth layers; replaces --arch
+    #[arg(long, requires = "depth")]
+    pub width: Option<usize>,
+    /// Number of weight layers (hidden layers + 1) of width --width; replaces --arch
+    #[arg(long, requires = "width")]
+    pub depth: Option<usize>,
+    /// Activation applied to each hidden layer's output before the next layer: linear,
+    /// tanh, hard_tanh, relu or leaky_relu (slope 0.01 below zero)
     #[arg(long, default_value = "relu", value_parser = parse_activation)]
     pub act: Activation,
-    /// Parameterisation of layer scalings and initial weights
+    /// Parameterisation of layer scalings and initial weights: sp (standard: scalings 1,
+    /// uniform fan-in weights) or mupc (standard-normal weights, width- and depth-scaled layers)
     #[arg(long, default_value = "sp", value_parser = parse_parameterisation)]
     pub param: Parameterisation,
     /// Add identity skip connections to hidden-to-hidden layers (needs equal widths)
@@ -104,8 +145,9 @@ pub struct TrainArgs {
     /// Per-sample inference step size (JPC's batch-averaged step divided by the batch size)
     #[arg(long, default_value_t = 0.1)]
     pub infer_rate: f64,
-    /// Stop a sample's inference once one step changes its energy by at most this much
-    /// [default: run all steps]
+    /// Stop a sample's inference once one step changes its energy (half the sum of squared
+    /// prediction errors, in squared activity units) by at most this much [default: run all
+    /// steps]
     #[arg(long)]
     pub tolerance: Option<f64>,
     /// Learning rate of the weight optimiser
@@ -117,7 +159,8 @@ pub struct TrainArgs {
     /// Seed of the initial weights and of the shuffling
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Factor applied to every raw feature [default: 1 / the largest training feature]
+    /// Factor applied to every raw feature [default: 1 / the largest absolute training
+    /// feature]
     #[arg(long)]
     pub input_scale: Option<f64>,
     /// Model file to write
@@ -138,6 +181,24 @@ pub struct EvalArgs {
     /// Write a JSON summary to this file
     #[arg(long, value_name = "PATH")]
     pub report: Option<PathBuf>,
+}
+
+/// Creates the directory of an output file before a long run starts, so that the run does
+/// not end in a write error, and fails with the reason when it cannot.
+pub fn check_output_dir(option: &str, path: &std::path::Path) -> Result<()> {
+    let parent = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty());
+    match parent {
+        Some(parent) if !parent.is_dir() => std::fs::create_dir_all(parent).map_err(|err| {
+            input_error(format!(
+                "{option} {} is invalid: cannot create directory {}: {err}",
+                path.display(),
+                parent.display()
+            ))
+        }),
+        _ => Ok(()),
+    }
 }
 
 fn parse_activation(name: &str) -> Result<Activation, String> {
@@ -179,16 +240,28 @@ impl TrainArgs {
     /// Builds the network spec and training settings for data with these dimensions.
     pub fn spec_and_config(&self, train_set: &data::Dataset) -> Result<(NetworkSpec, TrainConfig)> {
         if train_set.is_empty() {
-            return Err(input_error("--split 0 leaves no training rows; pick a split above 0"));
+            return Err(input_error(
+                "--split 0 leaves no training rows; pick a split above 0",
+            ));
         }
         let mut widths = vec![train_set.feature_count];
-        widths.extend(parse_hidden(&self.arch)?);
+        match (self.width, self.depth) {
+            (Some(width), Some(depth)) if width > 0 && depth > 0 => {
+                widths.extend(std::iter::repeat_n(width, depth - 1));
+            }
+            (Some(width), Some(depth)) => {
+                return Err(input_error(format!(
+                    "--width {width} --depth {depth} is invalid: both must be at least 1"
+                )));
+            }
+            _ => widths.extend(parse_hidden(&self.arch)?),
+        }
         widths.push(train_set.classes);
         let input_scale = match self.input_scale {
             Some(scale) if scale.is_finite() && scale > 0.0 => scale,
             Some(scale) => {
                 return Err(input_error(format!(
-                    "--input-scale {scale} is invalid: must be > 0"
+                    "--input-scale {scale} is invalid: it must be a finite number above 0"
                 )))
             }
             None => {
@@ -203,12 +276,27 @@ impl TrainArgs {
         for (name, value) in [("--infer-rate", self.infer_rate), ("--lr", self.lr)] {
             if !(value.is_finite() && value > 0.0) {
                 return Err(input_error(format!(
-                    "{name} {value} is invalid: must be > 0"
+                    "{name} {value} is invalid: it must be a finite number above 0"
                 )));
             }
         }
-        if self.batch == 0 || self.epochs == 0 {
-            return Err(input_error("--batch and --epochs must be at least 1"));
+        for (name, value) in [("--batch", self.batch), ("--epochs", self.epochs)] {
+            if value == 0 {
+                return Err(input_error(format!(
+                    "{name} 0 is invalid: it must be at least 1"
+                )));
+            }
+        }
+        if let Some(tolerance) = self.tolerance {
+            if !(tolerance.is_finite() && tolerance >= 0.0) {
+                return Err(input_error(format!(
+                    "--tolerance {tolerance} is invalid: it must be a finite energy of 0 or more"
+                )));
+            }
+        }
+        check_output_dir("--out", &self.out)?;
+        if let Some(report) = &self.report {
+            check_output_dir("--report", report)?;
         }
         let spec = NetworkSpec {
             widths,

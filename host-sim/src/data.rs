@@ -51,19 +51,20 @@ impl Dataset {
         &self.features[row * self.feature_count..(row + 1) * self.feature_count]
     }
 
-    /// Largest feature value.
+    /// Largest absolute feature value.
     pub fn max_feature(&self) -> f64 {
-        self.features.iter().copied().fold(0.0, f64::max)
+        self.features
+            .iter()
+            .fold(0.0, |max, x| f64::max(max, x.abs()))
     }
 
     /// Splits into rows `..at` and `at..`; `at = 0` leaves every row in the second part.
     pub fn split(&self, at: usize) -> Result<(Dataset, Dataset)> {
         if at >= self.len() {
             return Err(input_error(format!(
-                "split row {at} is invalid: the data set has {} rows, so the split must be \
-                 between 0 and {} to leave test rows",
-                self.len(),
-                self.len().saturating_sub(1)
+                "--split {at} is invalid: the data set has {} row(s), and the split must be \
+                 below that to leave test rows",
+                self.len()
             )));
         }
         Ok((self.rows(0..at), self.rows(at..self.len())))
@@ -147,15 +148,24 @@ pub fn load_csv(path: &Path, classes: usize) -> Result<Dataset> {
         }
 
         let field = &record[data.feature_count];
-        let label = field.parse::<usize>().ok().filter(|&label| label < classes);
-        let label = label.ok_or_else(|| {
-            input_error(format!(
-                "{}: label '{field}' in the last column is not an integer from 0 to {} \
-                 (set the number of classes with --classes)",
-                place(line),
-                classes - 1
-            ))
-        })?;
+        let label = match field.parse::<usize>() {
+            Ok(label) if label < classes => label,
+            Ok(_) => {
+                return Err(input_error(format!(
+                    "{}: label '{field}' in the last column is not below the number of \
+                     classes {classes}; set --classes to the number of classes",
+                    place(line)
+                )))
+            }
+            Err(_) => {
+                return Err(input_error(format!(
+                    "{}: label '{field}' in the last column is invalid: labels must be whole \
+                     numbers from 0 to {}",
+                    place(line),
+                    classes - 1
+                )))
+            }
+        };
         data.labels.push(label);
     }
 
@@ -166,6 +176,15 @@ pub fn load_csv(path: &Path, classes: usize) -> Result<Dataset> {
         )));
     }
     Ok(data)
+}
+
+/// Paths of the bundled 10,000-image MNIST subset (images, labels).
+pub fn default_mnist_paths() -> (PathBuf, PathBuf) {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data");
+    (
+        data.join("mnist10k-images-idx3-ubyte.gz"),
+        data.join("mnist10k-labels-idx1-ubyte.gz"),
+    )
 }
 
 /// Path of the bundled digits data set, for running from the repository.

@@ -19,7 +19,7 @@ use crate::train::{self, ProtocolResult, Trained};
 /// Options of `pcsim demo`.
 #[derive(Args)]
 pub struct DemoArgs {
-    /// Passes over the 1000 training digits [default: the `pcsim train` default]
+    /// Passes over the 1000 training digits [default: 30, as `pcsim train`]
     #[arg(long)]
     epochs: Option<usize>,
     /// Seed of the initial weights and of the shuffling
@@ -103,6 +103,14 @@ fn last_accuracy<S>(trained: &Trained<S>) -> f64 {
 /// Runs `pcsim demo`.
 pub fn run(demo: &DemoArgs) -> Result<ExitCode> {
     let args = train_args(demo);
+    let board_dir = demo
+        .board_dir
+        .clone()
+        .unwrap_or_else(board::default_board_dir);
+    let board_dir = board::check_prerequisites(&board_dir)?;
+    if let Some(report) = &demo.report {
+        crate::cli::check_output_dir("--report", report)?;
+    }
     let (train_set, test_set) = args.data.load()?;
 
     let float = train_format::<f32>(&args, &train_set, &test_set)?;
@@ -121,10 +129,6 @@ pub fn run(demo: &DemoArgs) -> Result<ExitCode> {
         samples_path.display()
     );
 
-    let board_dir = demo
-        .board_dir
-        .clone()
-        .unwrap_or_else(board::default_board_dir);
     let board = board::run_qemu_m4(&board_dir, &model_path, &samples_path)?;
     let bit_exact = board.checksum == host.checksum && board.predictions == host.predictions;
     let board_accuracy = board.correct as f64 / test_set.len() as f64;

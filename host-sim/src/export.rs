@@ -119,11 +119,17 @@ fn eval_in<S: Scalar>(model: &Model<'_>, test_set: &Dataset) -> Result<f64> {
     let depth = model.header().depth;
     let mut widths = vec![0; depth + 1];
     model.widths_into(&mut widths)?;
-    if widths[0] != test_set.feature_count || widths[depth] != test_set.classes {
+    if widths[0] != test_set.feature_count {
         return Err(input_error(format!(
-            "the model maps {} features to {} classes, the data has {} features and {} classes \
-             (set --classes to match)",
-            widths[0], widths[depth], test_set.feature_count, test_set.classes
+            "the model takes {} features, the data has {}; evaluate it on data of the kind it \
+             was trained on",
+            widths[0], test_set.feature_count
+        )));
+    }
+    if widths[depth] != test_set.classes {
+        return Err(input_error(format!(
+            "the model has {} classes, the data set {}; set --classes {}",
+            widths[depth], test_set.classes, widths[depth]
         )));
     }
     let header = model.header();
@@ -133,13 +139,27 @@ fn eval_in<S: Scalar>(model: &Model<'_>, test_set: &Dataset) -> Result<f64> {
     model.weights_into(&mut weights)?;
     model.scalings_into(&mut scalings)?;
     let scale = model.input_scale::<S>()?.to_f64();
-    let (inputs, _) = train::convert_features::<S>(test_set, scale);
+    let (inputs, saturated) = train::convert_features::<S>(test_set, scale);
+    train::warn_saturated_inputs::<S>(saturated, scale);
+    if weights
+        .iter()
+        .chain(&scalings)
+        .any(|value| !value.to_f64().is_finite())
+    {
+        return Err(input_error(
+            "the model has weights or scalings that are not finite (NaN or infinite); \
+             train it again with a lower --lr",
+        ));
+    }
     let network = Network::new(arch, &weights, &scalings)?;
     train::accuracy(&network, &inputs, &test_set.labels)
 }
 
 /// Runs `pcsim eval`.
 pub fn run_eval(model_path: &Path, data: &DataArgs, report: Option<&Path>) -> Result<ExitCode> {
+    if let Some(path) = report {
+        crate::cli::check_output_dir("--report", path)?;
+    }
     let bytes = read_model(model_path)?;
     let model = Model::parse(&bytes)?;
     let (_, test_set) = data.load()?;

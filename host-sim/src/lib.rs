@@ -3,8 +3,15 @@
 //! The `pcsim` binary is a thin command line over these modules.
 
 pub mod board;
+pub mod bounds;
+pub mod check;
 pub mod cli;
 pub mod data;
 pub mod demo;
 pub mod export;
+pub mod golden;
+pub mod learn;
+pub mod link;
+pub mod mnist;
+pub mod reference;
 pub mod train;

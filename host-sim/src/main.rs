@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use fixedpc_host_sim::cli::{Cli, Command};
 use fixedpc_host_sim::data::InputError;
-use fixedpc_host_sim::{demo, export};
+use fixedpc_host_sim::{check, demo, export, learn};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -13,6 +13,8 @@ fn main() -> ExitCode {
         Command::Train(args) => export::run_train(&args),
         Command::Eval(args) => export::run_eval(&args.model, &args.data, args.report.as_deref()),
         Command::Demo(args) => demo::run(&args),
+        Command::Check(args) => check::run(&args),
+        Command::Board(command) => learn::run(&command),
     };
     match result {
         Ok(code) => code,

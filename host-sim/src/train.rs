@@ -151,6 +151,17 @@ pub struct Trained<S> {
     pub epochs: Vec<EpochReport>,
 }
 
+/// Prints a warning when converting the inputs to format `S` saturated some of them.
+pub fn warn_saturated_inputs<S: Scalar>(saturated: u32, scale: f64) {
+    if saturated > 0 {
+        eprintln!(
+            "warning: {saturated} input values times the input scale {scale} are outside the \
+             range of {} and saturated; lower the input scale",
+            S::FORMAT.name()
+        );
+    }
+}
+
 /// Converts features (times `scale`) to format `S`, returning them with the number of values
 /// that saturated.
 pub fn convert_features<S: Scalar>(data: &Dataset, scale: f64) -> (Vec<S>, u32) {
@@ -214,9 +225,10 @@ pub fn train<S: Scalar + Send + Sync>(
         .into_iter()
         .map(|w| S::from_f64_rounded(w, &mut overflows))
         .collect();
-    let (inputs, _) = convert_features::<S>(train_set, spec.input_scale);
+    let (inputs, train_saturated) = convert_features::<S>(train_set, spec.input_scale);
     let targets = one_hot_targets::<S>(train_set);
-    let (test_inputs, _) = convert_features::<S>(test_set, spec.input_scale);
+    let (test_inputs, test_saturated) = convert_features::<S>(test_set, spec.input_scale);
+    warn_saturated_inputs::<S>(train_saturated + test_saturated, spec.input_scale);
 
     let batch = config.batch.max(1);
     let mut buffers = Buffers::<S>::new(&arch, batch);
@@ -283,7 +295,23 @@ pub fn train<S: Scalar + Send + Sync>(
             seconds,
         };
         progress(&report);
+        let diverged = !report.mean_energy.is_finite();
         epochs.push(report);
+        if diverged || weights.iter().any(|w| !w.to_f64().is_finite()) {
+            anyhow::bail!(
+                "training diverged in epoch {epoch}: the energy or the weights are not finite \
+                 (NaN or infinite); lower --lr or --infer-rate"
+            );
+        }
+    }
+
+    let last_overflows = epochs.last().map_or(0, |epoch| epoch.overflows);
+    if last_overflows > 0 {
+        eprintln!(
+            "warning: {last_overflows} results saturated or were not finite in the last epoch; \
+             {} is too narrow for these settings, so lower --input-scale, --lr or --infer-rate",
+            S::FORMAT.name()
+        );
     }
 
     Ok(Trained {
