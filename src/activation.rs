@@ -156,6 +156,39 @@ where
     }
 }
 
+/// Computes tanh of an `f32` with maximum absolute error 4e-7 against `f64` tanh.
+///
+/// An odd rational approximation (degree 13 over degree 6) with the input clamped to
+/// `+-7.905311`, and tanh(x) = x below 0.0004. Large inputs give `+-(1 - 2^-24)`, one ulp
+/// short of `+-1`. It needs no
+/// exponential, which makes it cheaper than `libm::tanhf`. The unit test `fast_tanh_f32_error`
+/// measures the error on a grid of 2 million points over `[-10, 10]`.
+pub(crate) fn fast_tanh_f32(x: f32) -> f32 {
+    const CLAMP: f32 = 7.905_311;
+    const TINY: f32 = 0.0004;
+    if x.abs() < TINY {
+        return x;
+    }
+    let x = x.clamp(-CLAMP, CLAMP);
+    let x2 = x * x;
+    let mut numerator = -2.760_768_5e-16_f32;
+    for coefficient in [
+        2.000_188e-13,
+        -8.604_672e-11,
+        5.122_297e-8,
+        1.485_722_4e-5,
+        6.372_619e-4,
+        4.893_524_6e-3,
+    ] {
+        numerator = numerator * x2 + coefficient;
+    }
+    let mut denominator = 1.198_258_4e-6_f32;
+    for coefficient in [1.185_347e-4, 2.268_434_6e-3, 4.893_525e-3] {
+        denominator = denominator * x2 + coefficient;
+    }
+    x * numerator / denominator
+}
+
 /// One in Q16.16.
 const Q16_ONE: i32 = 1 << 16;
 
@@ -352,6 +385,23 @@ mod tests {
                 act.name()
             );
         }
+    }
+
+    #[test]
+    fn fast_tanh_f32_error() {
+        let mut max_error: f64 = 0.0;
+        for step in -1_000_000..=1_000_000 {
+            let x = step as f32 * 1e-5;
+            let error = (fast_tanh_f32(x) as f64 - libm::tanh(x as f64)).abs();
+            max_error = max_error.max(error);
+        }
+        // Large inputs stay within one ulp below 1 in magnitude, and no output exceeds 1.
+        for x in [f32::MAX, f32::MIN, 1e30, -1e30, 8.0, -8.0] {
+            let magnitude = fast_tanh_f32(x).abs();
+            assert!(1.0 - magnitude <= f32::EPSILON, "tanh({x}) = {magnitude}");
+            assert!(magnitude <= 1.0, "tanh({x}) = {magnitude}");
+        }
+        assert!(max_error <= 4e-7, "max f32 tanh error {max_error}");
     }
 
     #[test]

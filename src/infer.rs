@@ -63,9 +63,7 @@ impl<S: Scalar> Network<'_, S> {
             let input = &before[self.arch.activity_offset(layer - 1)..];
             let output = &mut after[..self.arch.width(layer)];
             let overflows = &mut workspace.overflows[layer - 1];
-            self.predict_layer(layer, input, workspace.scratch, overflows, |i, mu| {
-                output[i] = mu
-            });
+            self.predict_layer(layer, input, workspace.scratch, output, overflows);
         }
 
         let output_offset = self.arch.activity_offset(self.arch.depth());
@@ -160,14 +158,15 @@ impl<S: Scalar> Network<'_, S> {
             let input = &z[self.arch.activity_offset(layer - 1)..];
             let activity = &z[self.arch.activity_offset(layer)..];
             let error = &mut e[self.arch.error_offset(layer)..];
+            let error = &mut error[..self.arch.width(layer)];
             let overflows = &mut workspace.overflows[layer - 1];
-            let mut error_overflows = 0;
-            self.predict_layer(layer, input, workspace.scratch, overflows, |i, mu| {
-                let difference = activity[i].saturating_sub(mu, &mut error_overflows);
-                error[i] = difference;
+            // The prediction goes into the error slice first, then becomes z - mu in place.
+            self.predict_layer(layer, input, workspace.scratch, error, overflows);
+            for (value, &z) in error.iter_mut().zip(activity) {
+                let difference = z.saturating_sub(*value, overflows);
+                *value = difference;
                 energy = S::acc_mul_add(energy, difference, difference);
-            });
-            *overflows += error_overflows;
+            }
         }
 
         let half = S::ONE.div_int(2);
@@ -268,15 +267,15 @@ impl<S: Scalar> Network<'_, S> {
         Ok(())
     }
 
-    /// Computes `mu_layer` from `z_(layer-1)` (the start of `input`) and hands each value to
-    /// `sink`; `scratch` receives `phi(z_(layer-1))`.
+    /// Writes `mu_layer`, computed from `z_(layer-1)` (the start of `input`), into `out`, which
+    /// has `n_layer` values; `scratch` receives `phi(z_(layer-1))`.
     fn predict_layer(
         &self,
         layer: usize,
         input: &[S],
         scratch: &mut [S],
+        out: &mut [S],
         overflows: &mut u32,
-        mut sink: impl FnMut(usize, S),
     ) {
         let input_width = self.arch.width(layer - 1);
         let input = &input[..input_width];
@@ -291,15 +290,11 @@ impl<S: Scalar> Network<'_, S> {
         }
 
         let weights = self.layer_weights(layer);
-        let scaling = self.scaling(layer);
-        let skip = self.arch.has_skip(layer);
-        for (i, row) in weights.chunks_exact(input_width).enumerate() {
-            let sum = S::dot(row, activated);
-            let mut mu = S::acc_scale_round(sum, scaling, overflows);
-            if skip {
-                mu = mu.saturating_add(input[i], overflows);
+        S::matrix_product(weights, activated, self.scaling(layer), out, overflows);
+        if self.arch.has_skip(layer) {
+            for (mu, &x) in out.iter_mut().zip(input) {
+                *mu = mu.saturating_add(x, overflows);
             }
-            sink(i, mu);
         }
     }
 }

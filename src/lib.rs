@@ -4,9 +4,10 @@
 //! the next, and the activities take gradient steps on the energy (half the sum of squared
 //! prediction errors). Weights then learn from the errors of their own layer only.
 //!
-//! The core is generic over [`Scalar`] (`f32`, `f64` and `fixed::types::I16F16`), never
-//! allocates and never panics on data: every buffer is borrowed from the caller and sized by
-//! the `const fn`s in [`network`], so firmware can declare them `static`.
+//! The core is generic over [`Scalar`] (`f32`, `f64`, `fixed::types::I16F16` and the 16-bit
+//! `fixed::types::I4F12`), never allocates and never panics on data: every buffer is borrowed
+//! from the caller and sized by the `const fn`s in [`network`], so firmware can declare them
+//! `static`.
 //!
 //! The steps, in order: wrap shapes in an [`Arch`], weights in a [`Network`] and state in a
 //! [`Workspace`]; call [`Network::infer_supervised`] per sample, then
@@ -46,13 +47,17 @@
 //! # Ok::<(), fixedpc::Error>(())
 //! ```
 #![no_std]
-#![forbid(unsafe_code)]
+// `unsafe` is denied everywhere except the inline-assembly kernels in `kernels`, which allow it
+// explicitly; `forbid` would not let that one module opt in.
+#![deny(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod activation;
 pub mod error;
 pub mod evaluate;
+mod i4f12;
 pub mod infer;
+pub mod kernels;
 pub mod learn;
 pub mod model;
 pub mod network;
@@ -61,7 +66,7 @@ mod tanh_table;
 
 pub use activation::Activation;
 pub use error::Error;
-pub use fixed::types::I16F16;
+pub use fixed::types::{I16F16, I4F12};
 pub use infer::{InferenceConfig, InferenceStats};
 pub use learn::{Adam, Sgd, StochasticSgd, XorShift32};
 pub use model::Model;

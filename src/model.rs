@@ -20,8 +20,11 @@
 //! | | v W | weights, layer by layer, row-major `[n_l][n_(l-1)]` |
 //! | | 4 | CRC-32 (ISO-HDLC, as zlib) of every preceding byte |
 //!
-//! `v` is the size of one value of the numeric format and `W` the number of weights. Fixed-point
-//! values are stored as their raw two's-complement integers.
+//! `v` is the size of one value of the numeric format (4 bytes for `f32` and `I16F16`, 8 for
+//! `f64`, 2 for `I4F12`) and `W` the number of weights. Fixed-point values are stored as their
+//! raw two's-complement integers. Format code 4 (`I4F12`) was added without a version change:
+//! files of the other formats keep their layout, and a reader without code 4 rejects such a
+//! file as an invalid numeric format.
 
 use crc::{Crc, CRC_32_ISO_HDLC};
 
@@ -435,7 +438,7 @@ pub fn write_model<S: Scalar>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fixed::types::I16F16;
+    use fixed::types::{I16F16, I4F12};
 
     const WIDTHS: [usize; 3] = [3, 4, 2];
     const LEN: usize = encoded_len(&WIDTHS, NumericFormat::I16F16);
@@ -499,6 +502,90 @@ mod tests {
                 "truncation to {len} was accepted"
             );
         }
+    }
+
+    /// Recomputes the CRC after a test edits a header byte, so that only the edit is wrong.
+    fn fix_crc(file: &mut [u8]) {
+        let end = file.len() - 4;
+        let crc = CRC.checksum(&file[..end]);
+        file[end..].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    #[test]
+    fn i16f16_file_bytes_are_stable() {
+        // Files written before the 16-bit format existed must still load, so the layout of an
+        // I16F16 file may not change: its CRC over the whole file is pinned here.
+        let file = sample_file();
+        assert_eq!(file[6], 3);
+        assert_eq!(CRC.checksum(&file), 0x2144_df1c);
+    }
+
+    #[test]
+    fn i4f12_round_trip_keeps_every_value() {
+        const NARROW_LEN: usize = encoded_len(&WIDTHS, NumericFormat::I4F12);
+        let arch = Arch::new(&WIDTHS, Activation::Relu, false).unwrap();
+        let weights: [I4F12; 20] = core::array::from_fn(|i| I4F12::from_num(i as i32 - 7) / 8);
+        let inference = InferenceConfig {
+            steps: 5,
+            step_size: I4F12::from_num(0.125),
+            tolerance: Some(I4F12::from_bits(3)),
+        };
+        let mut file = [0u8; NARROW_LEN];
+        let written = write_model(
+            &arch,
+            Parameterisation::Sp,
+            &inference,
+            I4F12::ONE,
+            &[I4F12::ONE, I4F12::ONE],
+            &weights,
+            &mut file,
+        )
+        .unwrap();
+
+        assert_eq!(written, NARROW_LEN);
+        // Header values, scalings and weights: 3 + 2 + 20 values of 2 bytes instead of 4.
+        assert_eq!(NARROW_LEN, LEN - 25 * 2);
+        let model = Model::parse(&file).unwrap();
+        assert_eq!(model.header().format, NumericFormat::I4F12);
+        let mut decoded = [I4F12::ZERO; 20];
+        model.weights_into(&mut decoded).unwrap();
+        assert_eq!(decoded, weights);
+        assert_eq!(model.inference_config::<I4F12>().unwrap(), inference);
+
+        let mut wide = [I16F16::ZERO; 20];
+        assert_eq!(
+            model.weights_into(&mut wide),
+            Err(Error::FormatMismatch {
+                file: 4,
+                expected: 3
+            })
+        );
+    }
+
+    #[test]
+    fn unknown_format_code_is_rejected() {
+        let mut file = sample_file();
+        file[6] = 9;
+        fix_crc(&mut file);
+        assert_eq!(
+            Model::parse(&file).err(),
+            Some(Error::InvalidField {
+                field: Field::NumericFormat,
+                value: 9
+            })
+        );
+    }
+
+    #[test]
+    fn format_code_with_other_value_size_is_rejected() {
+        // An I16F16 file relabelled as I4F12 has twice the bytes its header announces.
+        let mut file = sample_file();
+        file[6] = NumericFormat::I4F12.code();
+        fix_crc(&mut file);
+        assert!(matches!(
+            Model::parse(&file),
+            Err(Error::TrailingBytes { .. })
+        ));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The numeric trait the core is generic over, with its `f32`, `f64` and `I16F16` instances.
+//! The numeric trait the core is generic over, with its `f32`, `f64`, `I16F16` and `I4F12`
+//! instances.
 //!
 //! Every kernel accumulates exact products in the wide accumulator [`Scalar::Acc`] and rounds
 //! once per output. Fixed-point rounding is to nearest with ties toward positive infinity
@@ -11,6 +12,7 @@ use core::fmt::Debug;
 use fixed::types::I16F16;
 
 use crate::activation::{self, Activation};
+use crate::kernels;
 
 /// Numeric format tag stored in model files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,6 +24,8 @@ pub enum NumericFormat {
     F64,
     /// Signed Q16.16 fixed point (`fixed::types::I16F16`).
     I16F16,
+    /// Signed Q4.12 fixed point in 16 bits (`fixed::types::I4F12`).
+    I4F12,
 }
 
 impl NumericFormat {
@@ -31,6 +35,7 @@ impl NumericFormat {
             NumericFormat::F32 => 1,
             NumericFormat::F64 => 2,
             NumericFormat::I16F16 => 3,
+            NumericFormat::I4F12 => 4,
         }
     }
 
@@ -40,6 +45,7 @@ impl NumericFormat {
             1 => Some(NumericFormat::F32),
             2 => Some(NumericFormat::F64),
             3 => Some(NumericFormat::I16F16),
+            4 => Some(NumericFormat::I4F12),
             _ => None,
         }
     }
@@ -49,15 +55,17 @@ impl NumericFormat {
         match self {
             NumericFormat::F32 | NumericFormat::I16F16 => 4,
             NumericFormat::F64 => 8,
+            NumericFormat::I4F12 => 2,
         }
     }
 
-    /// Returns the lower-case name used on command lines (`f32`, `f64`, `i16f16`).
+    /// Returns the lower-case name used on command lines (`f32`, `f64`, `i16f16`, `i4f12`).
     pub const fn name(self) -> &'static str {
         match self {
             NumericFormat::F32 => "f32",
             NumericFormat::F64 => "f64",
             NumericFormat::I16F16 => "i16f16",
+            NumericFormat::I4F12 => "i4f12",
         }
     }
 }
@@ -134,6 +142,20 @@ pub trait Scalar: Copy + Default + PartialEq + PartialOrd + Debug + 'static {
         a.iter().zip(b).fold(Self::acc_zero(), |sum, (&x, &y)| {
             Self::acc_mul_add(sum, x, y)
         })
+    }
+
+    /// Writes `out[i] = scale * sum_k matrix[i][k] vector[k]`, rounded once per output, for a
+    /// row-major `matrix` with `out.len()` rows and `vector.len()` columns.
+    fn matrix_product(
+        matrix: &[Self],
+        vector: &[Self],
+        scale: Self,
+        out: &mut [Self],
+        overflows: &mut u32,
+    ) {
+        for (row, value) in matrix.chunks_exact(vector.len()).zip(out.iter_mut()) {
+            *value = Self::acc_scale_round(Self::dot(row, vector), scale, overflows);
+        }
     }
 
     /// Writes `out[j] = scale * sum_i matrix[i][j] vector[i]`, rounded once per output, for a
@@ -345,7 +367,15 @@ fn count_non_finite<T: Into<f64> + Copy>(x: T, overflows: &mut u32) -> T {
     x
 }
 
-float_scalar!(f32, NumericFormat::F32, 4, libm::tanhf, libm::sqrtf);
+// tanh dominates the host's f32 training time with `libm::tanhf`, so f32 uses the rational
+// approximation (maximum error 4e-7); f64 keeps `libm::tanh` for the golden comparisons.
+float_scalar!(
+    f32,
+    NumericFormat::F32,
+    4,
+    activation::fast_tanh_f32,
+    libm::sqrtf
+);
 float_scalar!(f64, NumericFormat::F64, 8, libm::tanh, libm::sqrt);
 
 /// Fraction bits of `I16F16`.
@@ -360,7 +390,23 @@ fn round_shift_i128(wide: i128, shift: u32, overflows: &mut u32) -> i32 {
 }
 
 fn round_shift_i64(wide: i64, shift: u32, overflows: &mut u32) -> i32 {
-    round_shift_i128(wide as i128, shift, overflows)
+    match wide.checked_add(1 << (shift - 1)) {
+        Some(biased) => saturate_i64(biased >> shift, overflows),
+        // Only sums within 2^(shift-1) of i64::MAX get here, far above the i32 range.
+        None => saturate_i128(i32::MAX as i128 + 1, overflows),
+    }
+}
+
+fn saturate_i64(wide: i64, overflows: &mut u32) -> i32 {
+    if wide > i32::MAX as i64 {
+        *overflows += 1;
+        i32::MAX
+    } else if wide < i32::MIN as i64 {
+        *overflows += 1;
+        i32::MIN
+    } else {
+        wide as i32
+    }
 }
 
 impl Scalar for I16F16 {
@@ -444,6 +490,54 @@ impl Scalar for I16F16 {
         }
     }
 
+    fn matrix_product(
+        matrix: &[Self],
+        vector: &[Self],
+        scale: Self,
+        out: &mut [Self],
+        overflows: &mut u32,
+    ) {
+        if !partial_sums_fit_i64(vector) {
+            for (row, value) in matrix.chunks_exact(vector.len()).zip(out.iter_mut()) {
+                *value = Self::acc_scale_round(Self::dot(row, vector), scale, overflows);
+            }
+            return;
+        }
+        let rows = out.len();
+        let matrix = &matrix[..(rows * vector.len()).min(matrix.len())];
+        kernels::rows_dot_i32_wrapping(
+            bytemuck::cast_slice(matrix),
+            bytemuck::cast_slice(vector),
+            |i, sum| out[i] = scale_round_i64(sum, scale, overflows),
+        );
+    }
+
+    fn transposed_product(
+        matrix: &[Self],
+        vector: &[Self],
+        scale: Self,
+        out: &mut [Self],
+        overflows: &mut u32,
+    ) {
+        let columns = out.len();
+        if partial_sums_fit_i64(vector) {
+            kernels::columns_dot_i32_wrapping(
+                bytemuck::cast_slice(matrix),
+                bytemuck::cast_slice(vector),
+                columns,
+                |j, sum| out[j] = scale_round_i64(sum, scale, overflows),
+            );
+            return;
+        }
+        for (j, value) in out.iter_mut().enumerate() {
+            let mut sum = 0i128;
+            for (row, &element) in matrix.chunks_exact(columns).zip(vector) {
+                sum = Self::acc_mul_add(sum, row[j], element);
+            }
+            *value = Self::acc_scale_round(sum, scale, overflows);
+        }
+    }
+
     fn saturating_add(self, other: Self, overflows: &mut u32) -> Self {
         let sum = self.to_bits() as i64 + other.to_bits() as i64;
         I16F16::from_bits(saturate_i128(sum as i128, overflows))
@@ -519,6 +613,31 @@ impl Scalar for I16F16 {
         };
         let updated = weight.to_bits() as i128 - update;
         *weight = I16F16::from_bits(saturate_i128(updated, overflows));
+    }
+}
+
+/// Returns whether every partial sum of `sum_k w_k x_k` over raw Q16.16 values fits an `i64`,
+/// for any `i32` weights `w_k` and this `vector` of `x_k`.
+///
+/// Each raw product is at most `2^31 |x_k|` in magnitude, so every partial sum stays below
+/// `2^31 sum_k |x_k|`, which is below `2^63` when `sum_k |x_k| < 2^32`. An `i64` sum is then
+/// exact and equals the `i128` sum bit for bit. The bound admits, for example, 65,535 values
+/// of magnitude 1, so the slower `i128` sum is the exception.
+fn partial_sums_fit_i64(vector: &[I16F16]) -> bool {
+    let magnitude = vector.iter().fold(0u64, |sum, x| {
+        sum.saturating_add(x.to_bits().unsigned_abs() as u64)
+    });
+    magnitude < 1 << 32
+}
+
+/// Rounds an exact `i64` sum of raw products times `scale` to `I16F16`, with the same result as
+/// [`Scalar::acc_scale_round`] on the `i128` sum.
+fn scale_round_i64(sum: i64, scale: I16F16, overflows: &mut u32) -> I16F16 {
+    if scale == I16F16::ONE {
+        // (sum 2^16 + 2^31) >> 32 equals (sum + 2^15) >> 16, so the product can be skipped.
+        I16F16::from_bits(round_shift_i64(sum, FRAC, overflows))
+    } else {
+        <I16F16 as Scalar>::acc_scale_round(sum as i128, scale, overflows)
     }
 }
 

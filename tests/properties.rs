@@ -11,7 +11,7 @@ use fixedpc::model::{encoded_len, write_model};
 use fixedpc::network::{activities_len, weights_len};
 use fixedpc::{
     Activation, Adam, Arch, Error, InferenceConfig, InferenceStats, Model, Network, NumericFormat,
-    Parameterisation, Scalar, Sgd, Workspace, I16F16,
+    Parameterisation, Scalar, Sgd, Workspace, I16F16, I4F12,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -29,10 +29,11 @@ static PIECEWISE_ACTIVATIONS: [Activation; 3] = [
     Activation::LeakyRelu,
 ];
 static PARAMETERISATIONS: [Parameterisation; 2] = [Parameterisation::Sp, Parameterisation::MuPc];
-static FORMATS: [NumericFormat; 3] = [
+static FORMATS: [NumericFormat; 4] = [
     NumericFormat::F32,
     NumericFormat::F64,
     NumericFormat::I16F16,
+    NumericFormat::I4F12,
 ];
 
 /// Configures a property with `cases` random cases and stores shrunk failures in
@@ -1213,7 +1214,7 @@ fn check_sample_file<S: Scalar, Other: Scalar>(case: &SampleCase) -> Result<(), 
 proptest! {
     #![proptest_config(config(128))]
 
-    /// A model file written in f32, f64 or I16F16 parses back to the same header, widths
+    /// A model file written in f32, f64, I16F16 or I4F12 parses back to the same header, widths
     /// and value bits, and rejects every tested flipped byte and truncation with an error.
     #[test]
     fn model_file_round_trip(case in model_cases()) {
@@ -1221,10 +1222,11 @@ proptest! {
             NumericFormat::F32 => check_model_file::<f32, f64>(&case)?,
             NumericFormat::F64 => check_model_file::<f64, I16F16>(&case)?,
             NumericFormat::I16F16 => check_model_file::<I16F16, f32>(&case)?,
+            NumericFormat::I4F12 => check_model_file::<I4F12, I16F16>(&case)?,
         }
     }
 
-    /// A sample file written in f32, f64 or I16F16 parses back to the same labels and
+    /// A sample file written in f32, f64, I16F16 or I4F12 parses back to the same labels and
     /// feature bits, and rejects every tested flipped byte and truncation with an error.
     #[test]
     fn sample_file_round_trip(case in sample_cases()) {
@@ -1232,6 +1234,7 @@ proptest! {
             NumericFormat::F32 => check_sample_file::<f32, f64>(&case)?,
             NumericFormat::F64 => check_sample_file::<f64, I16F16>(&case)?,
             NumericFormat::I16F16 => check_sample_file::<I16F16, f32>(&case)?,
+            NumericFormat::I4F12 => check_sample_file::<I4F12, I16F16>(&case)?,
         }
     }
 }

@@ -23,20 +23,29 @@ fn main() {
     write_shapes(&out_dir.join("model.bin"), &out_dir.join("shapes.rs"));
 }
 
-/// Writes `WIDTHS`, `ACTIVATION_CODE` and `SKIP` of the model; an absent model gets a 1-1
-/// placeholder network, and the firmware reports that no model is embedded.
+/// Writes `WIDTHS`, `ACTIVATION_CODE`, `SKIP` and the value type `Value` of the model; an absent
+/// model gets a 1-1 `I16F16` placeholder network, and the firmware reports that no model is
+/// embedded.
 fn write_shapes(model_path: &Path, destination: &Path) {
     let bytes = fs::read(model_path)
         .unwrap_or_else(|error| panic!("failed to read {}: {error}", model_path.display()));
-    let (widths, activation, skip) = if bytes.is_empty() {
-        (vec![1, 1], 0, false)
+    let (widths, activation, skip, format) = if bytes.is_empty() {
+        (vec![1, 1], 0, false, fixedpc::NumericFormat::I16F16)
     } else {
         let model = fixedpc::Model::parse(&bytes).unwrap_or_else(|error| {
             panic!("FIXEDPC_MODEL is not a valid model file: {error}. Export one with pcsim.")
         });
         let header = model.header();
         let widths: Vec<usize> = (0..=header.depth).map(|layer| model.width(layer)).collect();
-        (widths, header.activation.code(), header.skip)
+        (widths, header.activation.code(), header.skip, header.format)
+    };
+    let value_type = match format {
+        fixedpc::NumericFormat::I16F16 => "fixedpc::I16F16",
+        fixedpc::NumericFormat::I4F12 => "fixedpc::I4F12",
+        other => panic!(
+            "FIXEDPC_MODEL is a {} model; this firmware runs i16f16 and i4f12 models",
+            other.name()
+        ),
     };
     let list: Vec<String> = widths.iter().map(usize::to_string).collect();
     let source = format!(
@@ -45,7 +54,9 @@ fn write_shapes(model_path: &Path, destination: &Path) {
          /// Activation tag of the embedded model.\n\
          pub const ACTIVATION_CODE: u8 = {activation};\n\
          /// Whether the embedded model has identity skips.\n\
-         pub const SKIP: bool = {skip};\n",
+         pub const SKIP: bool = {skip};\n\
+         /// Numeric format of the embedded model.\n\
+         pub type Value = {value_type};\n",
         widths.len(),
         list.join(", ")
     );

@@ -30,6 +30,8 @@ pub struct BoardRun {
     pub flash_bytes: u64,
     /// Bytes of static RAM: `.data`, `.bss` and `.uninit` (the stack is not included).
     pub ram_bytes: u64,
+    /// Stack high-water mark in bytes, measured by the firmware with stack painting.
+    pub stack_bytes: u64,
     /// Path of the firmware image.
     pub elf: PathBuf,
 }
@@ -93,7 +95,10 @@ pub fn run_qemu_m4(board_dir: &Path, model: &Path, samples: &Path) -> Result<Boa
         .with_context(|| format!("cannot find {}", samples.display()))?;
 
     eprintln!("building the {MACHINE} firmware in {}", board_dir.display());
-    let elf = build_firmware(&board_dir, &model, &samples)?;
+    let elf = build_firmware(
+        &board_dir,
+        &[("FIXEDPC_MODEL", &model), ("FIXEDPC_SAMPLES", &samples)],
+    )?;
     let (flash_bytes, ram_bytes) = image_sizes(&elf)?;
 
     eprintln!("running the firmware under qemu-system-arm -machine {MACHINE}");
@@ -118,7 +123,7 @@ pub fn run_qemu_m4(board_dir: &Path, model: &Path, samples: &Path) -> Result<Boa
         let tail = parser.tail.join("\n");
         bail!("the firmware run failed ({status}); its last log lines:\n{tail}");
     }
-    let (checksum, steps, overflows) = parser
+    let (checksum, steps, overflows, stack_bytes) = parser
         .done
         .ok_or_else(|| anyhow!("the firmware ended without its 'done' line"))?;
     Ok(BoardRun {
@@ -130,20 +135,25 @@ pub fn run_qemu_m4(board_dir: &Path, model: &Path, samples: &Path) -> Result<Boa
         overflows,
         flash_bytes,
         ram_bytes,
+        stack_bytes,
         elf,
     })
 }
 
-fn build_firmware(board_dir: &Path, model: &Path, samples: &Path) -> Result<PathBuf> {
-    let output = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+/// Builds the firmware crate in `board_dir` in release mode with the environment variables
+/// `envs` and returns the path of its executable.
+pub fn build_firmware(board_dir: &Path, envs: &[(&str, &Path)]) -> Result<PathBuf> {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    for (name, value) in envs {
+        command.env(name, value);
+    }
+    let output = command
         .args([
             "build",
             "--release",
             "--message-format=json-render-diagnostics",
         ])
         .current_dir(board_dir)
-        .env("FIXEDPC_MODEL", model)
-        .env("FIXEDPC_SAMPLES", samples)
         .stderr(Stdio::inherit())
         .output()
         .context("cannot start cargo to build the firmware")?;
@@ -198,7 +208,7 @@ pub fn image_sizes(elf: &Path) -> Result<(u64, u64)> {
 struct LogParser {
     predictions: Vec<usize>,
     correct: usize,
-    done: Option<(u32, u64, u64)>,
+    done: Option<(u32, u64, u64, u64)>,
     tail: Vec<String>,
 }
 
@@ -220,8 +230,11 @@ impl LogParser {
                 .and_then(|hex| u32::from_str_radix(hex.trim_start_matches("0x"), 16).ok());
             let steps = field(&words, "steps").and_then(|value| value.parse().ok());
             let overflows = field(&words, "overflows").and_then(|value| value.parse().ok());
-            if let (Some(checksum), Some(steps), Some(overflows)) = (checksum, steps, overflows) {
-                self.done = Some((checksum, steps, overflows));
+            let stack = field(&words, "stack").and_then(|value| value.parse().ok());
+            if let (Some(checksum), Some(steps), Some(overflows), Some(stack)) =
+                (checksum, steps, overflows, stack)
+            {
+                self.done = Some((checksum, steps, overflows, stack));
             }
             return;
         }

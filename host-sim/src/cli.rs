@@ -8,7 +8,7 @@ use fixedpc::{Activation, Parameterisation};
 
 use crate::data::input_error;
 use crate::train::{NetworkSpec, OptimizerKind, TrainConfig};
-use crate::{check, data, demo, learn, mnist};
+use crate::{bench, check, data, demo, learn, mnist};
 
 /// Train and run predictive coding networks in floating and fixed point.
 #[derive(Parser)]
@@ -36,6 +36,9 @@ pub enum Command {
     /// Run a board: `pcsim board learn` trains it over its serial link.
     #[command(subcommand)]
     Board(learn::BoardCommand),
+    /// Measure instruction counts on the emulated Cortex-M4, firmware memory, host training
+    /// throughput and early stop, and write docs/PERFORMANCE.md (`scripts/bench` runs it).
+    Bench(bench::BenchArgs),
 }
 
 /// Numeric format a network computes in.
@@ -47,6 +50,8 @@ pub enum Numeric {
     F64,
     /// Signed Q16.16 fixed point (resolution 2^-16, range -32768 to 32768).
     I16f16,
+    /// Signed Q4.12 fixed point in 16 bits (resolution 2^-12, range -8 to 8).
+    I4f12,
 }
 
 /// Data set options shared by the subcommands.

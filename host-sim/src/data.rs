@@ -70,6 +70,11 @@ impl Dataset {
         Ok((self.rows(0..at), self.rows(at..self.len())))
     }
 
+    /// Returns the first `count` rows (every row when there are fewer).
+    pub fn head(&self, count: usize) -> Dataset {
+        self.rows(0..count.min(self.len()))
+    }
+
     fn rows(&self, range: std::ops::Range<usize>) -> Dataset {
         let width = self.feature_count;
         Dataset {

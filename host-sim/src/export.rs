@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use fixedpc::model::{encoded_len, write_model};
-use fixedpc::{Arch, Model, Network, NumericFormat, Scalar, I16F16};
+use fixedpc::{Arch, Model, Network, NumericFormat, Scalar, I16F16, I4F12};
 use serde_json::json;
 
 use crate::cli::{DataArgs, Numeric, TrainArgs};
@@ -99,6 +99,7 @@ pub fn run_train(args: &TrainArgs) -> Result<ExitCode> {
         Numeric::F32 => train_in::<f32>(args, &train_set, &test_set),
         Numeric::F64 => train_in::<f64>(args, &train_set, &test_set),
         Numeric::I16f16 => train_in::<I16F16>(args, &train_set, &test_set),
+        Numeric::I4f12 => train_in::<I4F12>(args, &train_set, &test_set),
     }
 }
 
@@ -168,6 +169,7 @@ pub fn run_eval(model_path: &Path, data: &DataArgs, report: Option<&Path>) -> Re
         NumericFormat::F32 => eval_in::<f32>(&model, &test_set)?,
         NumericFormat::F64 => eval_in::<f64>(&model, &test_set)?,
         NumericFormat::I16F16 => eval_in::<I16F16>(&model, &test_set)?,
+        NumericFormat::I4F12 => eval_in::<I4F12>(&model, &test_set)?,
     };
     println!(
         "{}: {} model, test accuracy {accuracy:.4} on {} rows",

@@ -2,7 +2,10 @@
 //!
 //! The `pcsim` binary is a thin command line over these modules.
 
+pub mod bench;
+mod bench_page;
 pub mod board;
+pub mod board_bench;
 pub mod bounds;
 pub mod check;
 pub mod cli;

@@ -135,6 +135,8 @@ pub struct EpochReport {
     pub test_accuracy: f64,
     /// Saturated (fixed point) or non-finite (float) results during the epoch.
     pub overflows: u64,
+    /// Mean inference steps per training sample (below `T` when early stop applies).
+    pub mean_inference_steps: f64,
     /// Wall-clock seconds of the epoch's training.
     pub seconds: f64,
 }
@@ -209,6 +211,10 @@ impl<S: Scalar> Buffers<S> {
 }
 
 /// Trains a network in format `S` and reports each epoch through `progress`.
+// NOTE: each sample runs its own matrix-vector products, so f32 training of the 64-64-64-10
+// digits network takes about 0.13 s per epoch on 2 shared cores (docs/PERFORMANCE.md), slower
+// than the 0.07 to 0.11 s the maintainers measured for JPC. A batched (matrix-matrix) f32
+// path would be needed to go faster.
 pub fn train<S: Scalar + Send + Sync>(
     spec: &NetworkSpec,
     config: &TrainConfig,
@@ -251,6 +257,7 @@ pub fn train<S: Scalar + Send + Sync>(
         order.shuffle(&mut shuffler);
         let mut energy_sum = 0.0;
         let mut epoch_overflows = 0u64;
+        let mut epoch_steps = 0u64;
 
         for chunk in order.chunks(batch) {
             let network = Network::new(arch, &weights, &scalings).map_err(anyhow::Error::msg)?;
@@ -260,7 +267,7 @@ pub fn train<S: Scalar + Send + Sync>(
                 n_in,
                 n_out,
             };
-            let (energy, overflows) = infer_batch(
+            let (energy, overflows, steps) = infer_batch(
                 &network,
                 &mut buffers,
                 chunk,
@@ -270,6 +277,7 @@ pub fn train<S: Scalar + Send + Sync>(
             )?;
             energy_sum += energy;
             epoch_overflows += overflows;
+            epoch_steps += steps;
             let mut workspace = buffers.workspace(&arch)?;
             workspace.reset_overflows();
             network
@@ -292,6 +300,7 @@ pub fn train<S: Scalar + Send + Sync>(
             mean_energy: energy_sum / train_set.len() as f64,
             test_accuracy,
             overflows: epoch_overflows,
+            mean_inference_steps: epoch_steps as f64 / train_set.len() as f64,
             seconds,
         };
         progress(&report);
@@ -331,7 +340,7 @@ struct BatchInputs<'a, S> {
 }
 
 /// Runs supervised inference on `rows`, row `k` in workspace slot `k`, and returns the sum of
-/// final energies and the number of overflows.
+/// final energies, the number of overflows and the number of inference steps taken.
 ///
 /// Samples infer independently, so the batch is split across up to `threads` threads and the
 /// activities and errors are the same bits for any split.
@@ -342,7 +351,7 @@ fn infer_batch<S: Scalar + Send + Sync>(
     data: &BatchInputs<'_, S>,
     inference: &InferenceConfig<S>,
     threads: usize,
-) -> Result<(f64, u64)> {
+) -> Result<(f64, u64, u64)> {
     let arch = *network.arch();
     let per_thread = rows.len().div_ceil(threads.max(1));
     let activities = buffers
@@ -359,7 +368,7 @@ fn infer_batch<S: Scalar + Send + Sync>(
     std::thread::scope(|scope| {
         let handles: Vec<_> = parts
             .map(|(((rows, activities), errors), scratch)| {
-                scope.spawn(move || -> Result<(f64, u64)> {
+                scope.spawn(move || -> Result<(f64, u64, u64)> {
                     let capacity = rows.len();
                     let activities = &mut activities[..capacity * arch.activities_len()];
                     let errors = &mut errors[..capacity * arch.errors_len()];
@@ -374,6 +383,7 @@ fn infer_batch<S: Scalar + Send + Sync>(
                         &mut overflows,
                     )?;
                     let mut energy = 0.0;
+                    let mut steps = 0u64;
                     for (slot, &row) in rows.iter().enumerate() {
                         let input = &data.inputs[row * data.n_in..(row + 1) * data.n_in];
                         let target = &data.targets[row * data.n_out..(row + 1) * data.n_out];
@@ -385,18 +395,20 @@ fn infer_batch<S: Scalar + Send + Sync>(
                             inference,
                         )?;
                         energy += stats.final_energy.to_f64();
+                        steps += stats.steps_taken as u64;
                     }
-                    Ok((energy, workspace.total_overflows()))
+                    Ok((energy, workspace.total_overflows(), steps))
                 })
             })
             .collect();
-        let mut total = (0.0, 0);
+        let mut total = (0.0, 0, 0);
         for handle in handles {
-            let (energy, overflows) = handle
+            let (energy, overflows, steps) = handle
                 .join()
                 .map_err(|_| anyhow::anyhow!("an inference thread panicked"))??;
             total.0 += energy;
             total.1 += overflows;
+            total.2 += steps;
         }
         Ok(total)
     })

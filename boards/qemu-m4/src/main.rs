@@ -1,8 +1,9 @@
 //! fixedpc firmware for the QEMU mps2-an386 machine (Cortex-M4F).
 //!
 //! Runs the test protocol of `fixedpc::evaluate` on every embedded sample with the embedded
-//! `I16F16` model and logs each prediction, then the CRC-32 that `pcsim` compares with its own
-//! run. Shapes come from the model at build time, so every buffer is a static of known size.
+//! `I16F16` or `I4F12` model and logs each prediction, then the CRC-32 that `pcsim` compares
+//! with its own run, and the stack high-water mark. Shapes and the numeric format come from the
+//! model at build time, so every buffer is a static of known size.
 //!
 //! Logs go out as defmt frames over semihosting. The firmware ends through semihosting
 //! `SYS_EXIT_EXTENDED`, so QEMU exits with one of the `EXIT_*` codes below.
@@ -26,13 +27,15 @@ use fixedpc::evaluate::{evaluate_sample, SampleSet, TestChecksum};
 use fixedpc::network::{
     activities_len, errors_len, inference_memory_bytes, scratch_len, weights_len,
 };
-use fixedpc::{Activation, Arch, InferenceConfig, Model, Network, Workspace, I16F16};
+use fixedpc::{Activation, Arch, InferenceConfig, Model, Network, Workspace};
 
 /// Shapes of the embedded model, written by `build.rs`.
 mod shapes {
     include!(concat!(env!("OUT_DIR"), "/shapes.rs"));
 }
-use shapes::{ACTIVATION_CODE, SKIP, WIDTHS};
+use shapes::{Value, ACTIVATION_CODE, SKIP, WIDTHS};
+
+mod stack;
 
 const DEPTH: usize = WIDTHS.len() - 1;
 const INPUTS: usize = WIDTHS[0];
@@ -42,7 +45,7 @@ const ACTIVITIES: usize = activities_len(&WIDTHS);
 const ERRORS: usize = errors_len(&WIDTHS);
 const SCRATCH: usize = scratch_len(&WIDTHS, 1);
 /// Bytes of network memory the core needs for inference, from the shapes alone.
-const NETWORK_BYTES: usize = inference_memory_bytes(&WIDTHS, core::mem::size_of::<I16F16>());
+const NETWORK_BYTES: usize = inference_memory_bytes(&WIDTHS, core::mem::size_of::<Value>());
 const ACTIVATION: Activation = match Activation::from_code(ACTIVATION_CODE) {
     Some(activation) => activation,
     None => panic!("build.rs wrote an invalid activation code"),
@@ -50,26 +53,26 @@ const ACTIVATION: Activation = match Activation::from_code(ACTIVATION_CODE) {
 
 /// Every buffer the network borrows, in one static.
 struct Buffers {
-    weights: [I16F16; WEIGHTS],
-    scalings: [I16F16; DEPTH],
-    activities: [I16F16; ACTIVITIES],
-    errors: [I16F16; ERRORS],
-    scratch: [I16F16; SCRATCH],
+    weights: [Value; WEIGHTS],
+    scalings: [Value; DEPTH],
+    activities: [Value; ACTIVITIES],
+    errors: [Value; ERRORS],
+    scratch: [Value; SCRATCH],
     overflows: [u32; DEPTH],
-    input: [I16F16; INPUTS],
-    target: [I16F16; OUTPUTS],
+    input: [Value; INPUTS],
+    target: [Value; OUTPUTS],
 }
 
 impl Buffers {
     const ZEROED: Buffers = Buffers {
-        weights: [I16F16::ZERO; WEIGHTS],
-        scalings: [I16F16::ZERO; DEPTH],
-        activities: [I16F16::ZERO; ACTIVITIES],
-        errors: [I16F16::ZERO; ERRORS],
-        scratch: [I16F16::ZERO; SCRATCH],
+        weights: [Value::ZERO; WEIGHTS],
+        scalings: [Value::ZERO; DEPTH],
+        activities: [Value::ZERO; ACTIVITIES],
+        errors: [Value::ZERO; ERRORS],
+        scratch: [Value::ZERO; SCRATCH],
         overflows: [0; DEPTH],
-        input: [I16F16::ZERO; INPUTS],
-        target: [I16F16::ZERO; OUTPUTS],
+        input: [Value::ZERO; INPUTS],
+        target: [Value::ZERO; OUTPUTS],
     };
 }
 
@@ -124,6 +127,7 @@ fn main() -> ! {
         semihosting::process::exit(EXIT_NO_MODEL);
     }
 
+    stack::paint();
     let buffers = match cortex_m::singleton!(: Buffers = Buffers::ZEROED) {
         Some(buffers) => buffers,
         None => defmt::panic!("network buffers taken twice"),
@@ -212,18 +216,19 @@ fn run(model_bytes: &[u8], sample_bytes: &[u8], buffers: &'static mut Buffers) -
             index,
             label,
             result.predicted,
-            result.final_energy.to_bits(),
+            result.final_energy.to_bits() as i32,
             result.steps_taken
         );
     }
 
     defmt::info!(
-        "done: samples {=usize} correct {=usize} steps {=u64} overflows {=u64} checksum {=u32:#010x}",
+        "done: samples {=usize} correct {=usize} steps {=u64} overflows {=u64} checksum {=u32:#010x} stack {=usize}",
         samples.len(),
         correct,
         steps,
         workspace.total_overflows(),
-        checksum.finalize()
+        checksum.finalize(),
+        stack::high_water_mark()
     );
     Ok(())
 }
@@ -233,16 +238,16 @@ fn load_model(
     bytes: &[u8],
     arch: &Arch<'_>,
     buffers: &mut Buffers,
-) -> Result<InferenceConfig<I16F16>, i32> {
+) -> Result<InferenceConfig<Value>, i32> {
     let report = |error: fixedpc::Error| {
         defmt::error!("invalid model: {}", error);
         EXIT_BAD_MODEL
     };
     let model = Model::parse(bytes).map_err(report)?;
-    model.check_matches::<I16F16>(arch).map_err(report)?;
+    model.check_matches::<Value>(arch).map_err(report)?;
     model.weights_into(&mut buffers.weights).map_err(report)?;
     model.scalings_into(&mut buffers.scalings).map_err(report)?;
-    model.inference_config::<I16F16>().map_err(report)
+    model.inference_config::<Value>().map_err(report)
 }
 
 /// Set by the first panic, so that a panic raised while logging does not recurse.

@@ -1,0 +1,300 @@
+//! Renders the figures of `pcsim bench` as the Markdown page `docs/PERFORMANCE.md`.
+
+use std::fmt::Write as _;
+
+use crate::bench::{EarlyStop, Memory, Throughput};
+use crate::board_bench::{BoardCounts, RegionCount};
+
+/// Everything the page shows.
+pub(crate) struct Figures<'a> {
+    pub(crate) machine: &'a str,
+    pub(crate) counts: &'a BoardCounts,
+    pub(crate) memories: &'a [Memory],
+    pub(crate) throughputs: &'a [Throughput],
+    pub(crate) early: &'a [EarlyStop],
+    pub(crate) criterion: &'a [(String, f64)],
+}
+
+/// Formats a count with thousands separators.
+fn grouped(value: u64) -> String {
+    let digits = value.to_string();
+    let mut out = String::new();
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+fn row(out: &mut String, cells: &[String]) {
+    let _ = writeln!(out, "| {} |", cells.join(" | "));
+}
+
+fn find<'a>(
+    counts: &'a BoardCounts,
+    network: &str,
+    format: &str,
+    region: &str,
+) -> Option<&'a RegionCount> {
+    counts
+        .regions
+        .iter()
+        .find(|count| count.network == network && count.format == format && count.region == region)
+}
+
+fn per_mac(count: Option<&RegionCount>) -> String {
+    count.map_or("-".into(), |count| {
+        format!(
+            "{:.2}",
+            count.instructions as f64 / count.work.max(1) as f64
+        )
+    })
+}
+
+fn total(counts: &[Option<&RegionCount>]) -> String {
+    if counts.iter().any(Option::is_none) {
+        return "-".into();
+    }
+    grouped(
+        counts
+            .iter()
+            .flatten()
+            .map(|count| count.instructions)
+            .sum(),
+    )
+}
+
+/// Network and format pairs in firmware order.
+fn combinations(counts: &BoardCounts) -> Vec<(String, String)> {
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for count in &counts.regions {
+        let pair = (count.network.clone(), count.format.clone());
+        if !pairs.contains(&pair) {
+            pairs.push(pair);
+        }
+    }
+    pairs
+}
+
+fn board_section(out: &mut String, counts: &BoardCounts) {
+    out.push_str(
+        "## Instructions on the emulated Cortex-M4F\n\n\
+         `boards/qemu-m4-bench` runs each kernel once on QEMU `mps2-an386` (Cortex-M4F) with the \
+         TCG plugin `boards/qemu-m4-bench/plugin/insn_count.c`, which counts the instructions \
+         executed between the firmware's `bench_start` and `bench_stop` markers. The marker \
+         overhead, measured by an empty region, is subtracted",
+    );
+    let _ = write!(
+        out,
+        " ({} instructions). Two runs printed {} counts. The networks are `digits` \
+         (64-64-64-10) and `wide` (64-256-256-10), relu, with SP weights drawn uniformly in \
+         `+-1/sqrt(fan_in)` and inputs in `[0, 1)` from a fixed seed; the product kernels use \
+         layer 2 (64x64 or 256x256). Instructions are not cycles: a real core also pays for \
+         flash wait states and multi-cycle instructions.\n\n",
+        counts.overhead,
+        if counts.repeatable {
+            "identical"
+        } else {
+            "DIFFERENT"
+        }
+    );
+    out.push_str(
+        "Instructions per multiply-accumulate (MAC), whole kernel including per-row rounding:\n\n",
+    );
+    out.push_str(
+        "| network | format | matrix product | `dot` per row (the path before the matrix \
+         kernels) | transposed product | feedforward |\n",
+    );
+    out.push_str("|---|---|---|---|---|---|\n");
+    for (network, format) in combinations(counts) {
+        let get = |region| find(counts, &network, &format, region);
+        row(
+            out,
+            &[
+                network.clone(),
+                format.clone(),
+                per_mac(get("matrix_product")),
+                per_mac(get("dot_per_row")),
+                per_mac(get("transposed_product")),
+                per_mac(get("feedforward")),
+            ],
+        );
+    }
+    out.push_str(
+        "\nOn `thumbv7em` the fixed-point kernels run the inline-assembly loops of \
+         `src/kernels.rs`. Per multiply-accumulate, the inner loop of the `I4F12` matrix \
+         product takes 1.0 instruction (`LDM` and `SMLALD`, two rows at a time) and that of \
+         the `I16F16` one 2.0 (`LDM` and `SMLAL`). The transposed products take 2.5 for \
+         `I4F12` (`PKHBT`, `PKHTB` and `SMLALD` over two rows and two columns) and 3.0 for \
+         `I16F16`. The rest of each figure above is per-row work: the call, the tail, the \
+         rounding and the store.\n",
+    );
+    out.push_str(
+        "\nInstructions per call. An inference step is one activity update plus the errors that \
+         follow it, which is one iteration of the inference loop. Full inference is \
+         `infer_supervised` with the feedforward pass and 20 steps. A learning update is the \
+         weight gradients of one sample plus one SGD step.\n\n",
+    );
+    out.push_str(
+        "| network | format | prediction (feedforward) | inference step | full inference \
+         (T = 20) | learning update |\n",
+    );
+    out.push_str("|---|---|---|---|---|---|\n");
+    for (network, format) in combinations(counts) {
+        let get = |region| find(counts, &network, &format, region);
+        row(
+            out,
+            &[
+                network.clone(),
+                format.clone(),
+                total(&[get("feedforward")]),
+                total(&[get("inference_step"), get("compute_errors")]),
+                total(&[get("infer_supervised")]),
+                total(&[get("weight_gradients"), get("sgd_step")]),
+            ],
+        );
+    }
+    out.push('\n');
+}
+
+fn memory_section(out: &mut String, memories: &[Memory]) {
+    out.push_str(
+        "## Firmware memory\n\n\
+         `boards/qemu-m4` (the inference firmware of `pcsim demo`) built with each model; flash \
+         and \
+         static RAM come from the linked sections, the stack from stack painting \
+         (`boards/qemu-m4/src/stack.rs`) over a run of the test protocol. Flash includes the \
+         embedded test samples. \"State\" is weights + activities + errors at the format's \
+         size; \"network buffers\" is `fixedpc::network::inference_memory_bytes`, which adds the \
+         scratch, scalings and overflow counters. The ratio is static RAM over state.\n\n",
+    );
+    out.push_str(
+        "| network | format | flash | static RAM | network buffers | state | RAM / state | \
+         stack | test samples | bit-exact with host |\n",
+    );
+    out.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+    for memory in memories {
+        row(
+            out,
+            &[
+                memory.network.clone(),
+                memory.format.to_string(),
+                grouped(memory.flash_bytes),
+                grouped(memory.static_ram_bytes),
+                grouped(memory.network_bytes as u64),
+                grouped(memory.state_bytes as u64),
+                format!(
+                    "{:.3}",
+                    memory.static_ram_bytes as f64 / memory.state_bytes.max(1) as f64
+                ),
+                grouped(memory.stack_bytes),
+                memory.test_samples.to_string(),
+                format!(
+                    "{} ({})",
+                    if memory.bit_exact { "yes" } else { "NO" },
+                    memory.host_checksum
+                ),
+            ],
+        );
+    }
+    out.push('\n');
+}
+
+fn host_section(out: &mut String, figures: &Figures<'_>) {
+    out.push_str(
+        "## Host training throughput\n\n\
+         `pcsim train` with the settings of the maintainers' JPC timing: tanh 64-64-64-10, \
+         batch 32, 20 inference steps, Adam (learning rate 0.001 here), 1000 training rows, \
+         so 32 batches per epoch. Seconds per epoch are the mean over the epochs after the \
+         first. For comparison, the maintainers measured 0.07 to 0.11 s per epoch for JPC with \
+         these settings; that script is not in this repository.\n\n",
+    );
+    out.push_str("| format | seconds per epoch | samples per second | epochs | test accuracy |\n");
+    out.push_str("|---|---|---|---|---|\n");
+    for throughput in figures.throughputs {
+        row(
+            out,
+            &[
+                throughput.format.to_string(),
+                format!("{:.3}", throughput.seconds_per_epoch),
+                format!("{:.0}", throughput.samples_per_second),
+                throughput.epochs.to_string(),
+                format!("{:.4}", throughput.test_accuracy),
+            ],
+        );
+    }
+    out.push_str(
+        "\n## Early stop\n\n\
+         `pcsim train --numeric i16f16` with its defaults (relu 64-64-64-10, SGD, learning rate \
+         0.2, batch 8, 30 epochs, at most 20 steps of 0.1), without and with an early-stop \
+         tolerance on the per-sample energy change. Training steps are the mean over the \
+         last epoch's samples; test steps are the mean of the test protocol (inference with \
+         the label clamped) on the 797 test digits. Test accuracy is that of the feedforward \
+         prediction, which early stop changes only through the weights it trains; it moves by \
+         about 0.005 from one epoch to the next, so the mean over the last 5 epochs is shown \
+         too.\n\n",
+    );
+    out.push_str(
+        "| tolerance | steps per training sample | steps per test sample | test accuracy | \
+         mean of last 5 epochs | training seconds |\n",
+    );
+    out.push_str("|---|---|---|---|---|---|\n");
+    for early in figures.early {
+        row(
+            out,
+            &[
+                early
+                    .tolerance
+                    .map_or("none (T = 20)".into(), |tolerance| tolerance.to_string()),
+                format!("{:.2}", early.mean_training_steps),
+                format!("{:.2}", early.mean_test_steps),
+                format!("{:.4}", early.test_accuracy),
+                format!("{:.4}", early.last_five_accuracy),
+                format!("{:.1}", early.training_seconds),
+            ],
+        );
+    }
+    out.push('\n');
+}
+
+fn criterion_section(out: &mut String, criterion: &[(String, f64)]) {
+    out.push_str(
+        "## Host kernels (criterion)\n\n\
+         `cargo bench -p fixedpc-host-sim --bench kernels` with short measurement times \
+         (`host-sim/benches/kernels.rs`): mean time per iteration. The training step is 32 \
+         supervised inferences of 20 steps, the gradients and one SGD step, on one thread.\n\n",
+    );
+    if criterion.is_empty() {
+        out.push_str("No criterion results were found; run `scripts/bench`.\n");
+        return;
+    }
+    out.push_str("| benchmark | mean time |\n|---|---|\n");
+    for (name, nanoseconds) in criterion {
+        let time = if *nanoseconds >= 1e6 {
+            format!("{:.3} ms", nanoseconds / 1e6)
+        } else {
+            format!("{:.2} us", nanoseconds / 1e3)
+        };
+        row(out, &[format!("`{name}`"), time]);
+    }
+}
+
+/// Returns the whole page.
+pub(crate) fn render(figures: &Figures<'_>) -> String {
+    let mut out = String::new();
+    out.push_str(
+        "# Performance\n\n\
+         Generated by `scripts/bench` (about 3 minutes on 2 cores after the first build), \
+         which runs the criterion benchmarks and then `pcsim bench`. Benchmarks report and \
+         never fail on timing: `pcsim bench` fails only when a board run differs from the host \
+         or two counting runs differ.\n\n",
+    );
+    let _ = writeln!(out, "Machine: {}.\n", figures.machine);
+    board_section(&mut out, figures.counts);
+    memory_section(&mut out, figures.memories);
+    host_section(&mut out, figures);
+    criterion_section(&mut out, figures.criterion);
+    out
+}
