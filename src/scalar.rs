@@ -136,6 +136,21 @@ pub trait Scalar: Copy + Default + PartialEq + PartialOrd + Debug + 'static {
         })
     }
 
+    /// Calls `sink(i, scale * sum_k matrix[i][k] vector[k])`, rounded once per output, for each
+    /// row `i` of a row-major `matrix` with `vector.len()` columns, in row order.
+    fn matrix_vector_product(
+        matrix: &[Self],
+        vector: &[Self],
+        scale: Self,
+        overflows: &mut u32,
+        mut sink: impl FnMut(usize, Self),
+    ) {
+        for (i, row) in matrix.chunks_exact(vector.len()).enumerate() {
+            let sum = Self::dot(row, vector);
+            sink(i, Self::acc_scale_round(sum, scale, overflows));
+        }
+    }
+
     /// Writes `out[j] = scale * sum_i matrix[i][j] vector[i]`, rounded once per output, for a
     /// row-major `matrix` with `vector.len()` rows and `out.len()` columns.
     fn transposed_product(
@@ -479,6 +494,61 @@ impl Scalar for I16F16 {
         I16F16::from_bits(quotient as i32)
     }
 
+    fn matrix_vector_product(
+        matrix: &[Self],
+        vector: &[Self],
+        scale: Self,
+        overflows: &mut u32,
+        mut sink: impl FnMut(usize, Self),
+    ) {
+        let columns = vector.len();
+        if columns == 0 {
+            return;
+        }
+        let narrow = fits_i64_sums(vector);
+        for (i, row) in matrix.chunks_exact(columns).enumerate() {
+            let sum = if narrow {
+                dot_i64(row, vector) as i128
+            } else {
+                Self::dot(row, vector)
+            };
+            sink(i, Self::acc_scale_round(sum, scale, overflows));
+        }
+    }
+
+    fn transposed_product(
+        matrix: &[Self],
+        vector: &[Self],
+        scale: Self,
+        out: &mut [Self],
+        overflows: &mut u32,
+    ) {
+        let columns = out.len();
+        if !fits_i64_sums(vector) {
+            transposed_product_i128(matrix, vector, scale, out, overflows);
+            return;
+        }
+        // Row by row over blocks of columns, so the inner loop reads contiguous weights.
+        const BLOCK: usize = 64;
+        let mut start = 0;
+        while start < columns {
+            let end = columns.min(start + BLOCK);
+            let mut sums = [0i64; BLOCK];
+            let sums = &mut sums[..end - start];
+            for (i, &element) in vector.iter().enumerate() {
+                let element = element.to_bits() as i64;
+                let row = &matrix[i * columns + start..i * columns + end];
+                for (sum, weight) in sums.iter_mut().zip(row) {
+                    *sum += weight.to_bits() as i64 * element;
+                }
+            }
+            for (value, &sum) in out[start..end].iter_mut().zip(sums.iter()) {
+                *value = Self::acc_scale_round(sum as i128, scale, overflows);
+            }
+            start = end;
+        }
+    }
+
     fn activate(act: Activation, x: Self) -> Self {
         I16F16::from_bits(activation::q16_activate(act, x.to_bits()))
     }
@@ -504,6 +574,11 @@ impl Scalar for I16F16 {
         let g_squared = (grad.to_bits() as i128 * grad.to_bits() as i128) << SECOND_MOMENT_SHIFT;
         let v = (*second as i128 * coefs.beta2 as i128 + g_squared * (one - coefs.beta2 as i128))
             >> COEF_FRAC_BITS;
+        // The second moment stores values up to 2^15, so gradients above about 181 saturate it.
+        // Count that like any other saturation.
+        if m < i64::MIN as i128 || m > i64::MAX as i128 || v > i64::MAX as i128 {
+            *overflows += 1;
+        }
         *first = m.clamp(i64::MIN as i128, i64::MAX as i128) as i64;
         *second = v.clamp(0, i64::MAX as i128) as i64;
 
@@ -519,6 +594,58 @@ impl Scalar for I16F16 {
         };
         let updated = weight.to_bits() as i128 - update;
         *weight = I16F16::from_bits(saturate_i128(updated, overflows));
+    }
+}
+
+/// Returns whether every sum of products of `vector` with any `I16F16` values, one product per
+/// element, fits an `i64` exactly: `len * 2^31 * max |raw|` is below `2^63`.
+///
+/// The `i64` sums then equal the `i128` sums bit for bit, because integer addition is exact and
+/// associative while it does not overflow. For 64 elements the limit is `|x| < 1024`.
+fn fits_i64_sums(vector: &[I16F16]) -> bool {
+    let max = vector
+        .iter()
+        .map(|x| x.to_bits().unsigned_abs())
+        .max()
+        .unwrap_or(0);
+    (vector.len() as u128) * (max as u128) < 1u128 << 32
+}
+
+/// Returns `sum_k a[k] b[k]` of raw values in an `i64`; the caller checks with
+/// [`fits_i64_sums`] that it cannot overflow.
+fn dot_i64(a: &[I16F16], b: &[I16F16]) -> i64 {
+    // Four independent sums shorten the dependency chain; the total is the same integer.
+    let mut sums = [0i64; 4];
+    let a_chunks = a.chunks_exact(4);
+    let b_chunks = b.chunks_exact(4);
+    let mut tail = 0i64;
+    for (x, y) in a_chunks.remainder().iter().zip(b_chunks.remainder()) {
+        tail += x.to_bits() as i64 * y.to_bits() as i64;
+    }
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for lane in 0..4 {
+            sums[lane] += x[lane].to_bits() as i64 * y[lane].to_bits() as i64;
+        }
+    }
+    sums[0] + sums[1] + sums[2] + sums[3] + tail
+}
+
+/// Computes the transposed product with exact `i128` sums, column by column, for vectors too
+/// large for [`fits_i64_sums`].
+fn transposed_product_i128(
+    matrix: &[I16F16],
+    vector: &[I16F16],
+    scale: I16F16,
+    out: &mut [I16F16],
+    overflows: &mut u32,
+) {
+    let columns = out.len();
+    for (j, value) in out.iter_mut().enumerate() {
+        let mut sum = 0i128;
+        for (i, &element) in vector.iter().enumerate() {
+            sum = I16F16::acc_mul_add(sum, matrix[i * columns + j], element);
+        }
+        *value = I16F16::acc_scale_round(sum, scale, overflows);
     }
 }
 

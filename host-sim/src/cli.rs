@@ -8,7 +8,7 @@ use fixedpc::{Activation, Parameterisation};
 
 use crate::data::input_error;
 use crate::train::{NetworkSpec, OptimizerKind, TrainConfig};
-use crate::{check, data, demo, learn, mnist};
+use crate::{check, data, demo, learn, mnist, sweep};
 
 /// Train and run predictive coding networks in floating and fixed point.
 #[derive(Parser)]
@@ -36,6 +36,9 @@ pub enum Command {
     /// Run a board: `pcsim board learn` trains it over its serial link.
     #[command(subcommand)]
     Board(learn::BoardCommand),
+    /// Train muPC and SP networks of several depths in f32 and i16f16 and write a table and a
+    /// plot of test accuracy against depth.
+    Sweep(sweep::SweepArgs),
 }
 
 /// Numeric format a network computes in.
@@ -316,6 +319,7 @@ impl TrainArgs {
             learning_rate: self.lr,
             optimizer: self.optimizer,
             seed: self.seed,
+            threads: crate::train::default_threads(),
         };
         Ok((spec, config))
     }

@@ -3,6 +3,7 @@
 //! The `pcsim` binary is a thin command line over these modules.
 
 pub mod board;
+pub mod board_run;
 pub mod bounds;
 pub mod check;
 pub mod cli;
@@ -13,5 +14,7 @@ pub mod golden;
 pub mod learn;
 pub mod link;
 pub mod mnist;
+pub mod plot;
 pub mod reference;
+pub mod sweep;
 pub mod train;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use fixedpc_host_sim::cli::{Cli, Command};
 use fixedpc_host_sim::data::InputError;
-use fixedpc_host_sim::{check, demo, export, learn};
+use fixedpc_host_sim::{check, demo, export, learn, sweep};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -15,6 +15,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::Check(args) => check::run(&args),
         Command::Board(command) => learn::run(&command),
+        Command::Sweep(args) => sweep::run(&args),
     };
     match result {
         Ok(code) => code,
