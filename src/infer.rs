@@ -112,8 +112,15 @@ impl<S: Scalar> Network<'_, S> {
         let mut spare = 0u32;
 
         while steps_taken < config.steps {
-            self.inference_step(workspace, sample, config.step_size)?;
-            let next = self.compute_errors(workspace, sample)?;
+            // A step changes only layers with a non-zero error next to them, so after a
+            // feedforward start the changes spread down from the output one layer per step.
+            // Errors below the lowest changed layer keep their values and are not recomputed;
+            // in fixed point that gives the same bits as recomputing them.
+            let lowest_changed = self.step_free_layers(workspace, sample, config.step_size)?;
+            let next = match lowest_changed {
+                Some(layer) => self.errors_from_layer(workspace, sample, layer)?,
+                None => energy,
+            };
             steps_taken += 1;
             let change = next.saturating_sub(energy, &mut spare);
             energy = next;
@@ -147,6 +154,18 @@ impl<S: Scalar> Network<'_, S> {
         workspace: &mut Workspace<'_, S>,
         sample: usize,
     ) -> Result<S, Error> {
+        self.errors_from_layer(workspace, sample, 1)
+    }
+
+    /// Recomputes the errors `e_first ..= e_L` of a sample, keeps the stored errors of the
+    /// layers below `first`, and returns the energy of all layers, summed in layer order as
+    /// [`Network::compute_errors`] does.
+    fn errors_from_layer(
+        &self,
+        workspace: &mut Workspace<'_, S>,
+        sample: usize,
+        first: usize,
+    ) -> Result<S, Error> {
         workspace.check(&self.arch, sample.saturating_add(1))?;
         let z_len = workspace.activities_per_sample;
         let e_len = workspace.errors_per_sample;
@@ -155,6 +174,13 @@ impl<S: Scalar> Network<'_, S> {
         let mut energy = S::acc_zero();
 
         for layer in 1..=self.arch.depth() {
+            if layer < first {
+                let kept = &e[self.arch.error_offset(layer)..][..self.arch.width(layer)];
+                for &difference in kept {
+                    energy = S::acc_mul_add(energy, difference, difference);
+                }
+                continue;
+            }
             let input = &z[self.arch.activity_offset(layer - 1)..];
             let activity = &z[self.arch.activity_offset(layer)..];
             let error = &mut e[self.arch.error_offset(layer)..];
@@ -189,20 +215,58 @@ impl<S: Scalar> Network<'_, S> {
         sample: usize,
         step_size: S,
     ) -> Result<(), Error> {
+        self.step_free_layers(workspace, sample, step_size)
+            .map(|_| ())
+    }
+
+    /// Takes one inference step and returns the lowest layer whose activities changed.
+    ///
+    /// A layer whose own error and the next layer's error are all zero has a zero gradient,
+    /// so it is skipped. In fixed point that gives the same bits as the full step. In floating
+    /// point it may differ in the sign of a zero, and with non-finite weights, where the full
+    /// step would turn `inf * 0` into NaN.
+    fn step_free_layers(
+        &self,
+        workspace: &mut Workspace<'_, S>,
+        sample: usize,
+        step_size: S,
+    ) -> Result<Option<usize>, Error> {
         workspace.check(&self.arch, sample.saturating_add(1))?;
+        let mut lowest_changed = None;
         for layer in 1..self.arch.depth() {
+            if self.errors_are_zero(workspace, sample, layer) {
+                continue;
+            }
             let width = self.arch.width(layer);
             self.activity_gradient_into(workspace, sample, layer)?;
             let z_offset =
                 sample * workspace.activities_per_sample + self.arch.activity_offset(layer);
             let z = &mut workspace.activities[z_offset..z_offset + width];
             let overflows = &mut workspace.overflows[layer - 1];
+            // NOTE: in fixed point a change below half an LSB rounds to zero, so in deep muPC
+            // networks the error reaches fewer layers from the output than in f32.
+            let mut changed = false;
             for (activity, &gradient) in z.iter_mut().zip(workspace.scratch[..width].iter()) {
                 let change = step_size.saturating_mul(gradient, overflows);
-                *activity = activity.saturating_sub(change, overflows);
+                let updated = activity.saturating_sub(change, overflows);
+                changed |= updated != *activity;
+                *activity = updated;
+            }
+            if changed && lowest_changed.is_none() {
+                lowest_changed = Some(layer);
             }
         }
-        Ok(())
+        Ok(lowest_changed)
+    }
+
+    /// Returns whether `e_layer` and `e_(layer+1)` of a sample are all zero.
+    fn errors_are_zero(&self, workspace: &Workspace<'_, S>, sample: usize, layer: usize) -> bool {
+        let e_len = workspace.errors_per_sample;
+        let start = sample * e_len + self.arch.error_offset(layer);
+        let len = self.arch.width(layer) + self.arch.width(layer + 1);
+        workspace.errors[start..start + len]
+            .iter()
+            .all(|&error| error == S::ZERO)
     }
 
     /// Writes `dE/dz_layer` of a sample (a free layer, `1 <= layer < L`) into the first

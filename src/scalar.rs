@@ -598,6 +598,11 @@ impl Scalar for I16F16 {
         let g_squared = (grad.to_bits() as i128 * grad.to_bits() as i128) << SECOND_MOMENT_SHIFT;
         let v = (*second as i128 * coefs.beta2 as i128 + g_squared * (one - coefs.beta2 as i128))
             >> COEF_FRAC_BITS;
+        // The second moment stores values up to 2^15, so gradients above about 181 saturate it.
+        // Count that like any other saturation.
+        if m < i64::MIN as i128 || m > i64::MAX as i128 || v > i64::MAX as i128 {
+            *overflows += 1;
+        }
         *first = m.clamp(i64::MIN as i128, i64::MAX as i128) as i64;
         *second = v.clamp(0, i64::MAX as i128) as i64;
 

@@ -1608,3 +1608,184 @@ proptest! {
         prop_assert_eq!(&weights, &case.weights, "rejected steps must not change weights");
     }
 }
+
+/// Raw `I16F16` vectors from tiny to full-range magnitudes, so that both the `i64` and the
+/// `i128` sums of the fixed-point products are taken.
+fn raw_vector(len: usize) -> impl Strategy<Value = Vec<i32>> {
+    prop_oneof![
+        vec(-(1 << 18)..(1 << 18), len),
+        vec(-(1 << 25)..(1 << 25), len),
+        vec(any::<i32>(), len),
+    ]
+}
+
+fn matrix_and_vector() -> impl Strategy<Value = (Vec<i32>, Vec<i32>, usize, i32)> {
+    (1..=80usize, 1..=80usize).prop_flat_map(|(rows, columns)| {
+        (
+            prop_oneof![
+                vec(any::<i32>(), rows * columns),
+                vec(-(1 << 20)..(1 << 20), rows * columns)
+            ],
+            raw_vector(columns),
+            Just(rows),
+            prop_oneof![Just(1 << 16), 1..(1 << 17), any::<i32>()],
+        )
+    })
+}
+
+fn fixed_from_raw(raw: &[i32]) -> Vec<I16F16> {
+    raw.iter().map(|&bits| I16F16::from_bits(bits)).collect()
+}
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    /// The fixed-point matrix-vector and transposed products equal exact `i128` sums rounded
+    /// once, bit for bit, with the same overflow counts, for small and full-range values.
+    #[test]
+    fn fixed_products_match_exact_sums(case in matrix_and_vector()) {
+        let (matrix, vector, rows, scale) = case;
+        let columns = vector.len();
+        let matrix = fixed_from_raw(&matrix);
+        let vector = fixed_from_raw(&vector);
+        let scale = I16F16::from_bits(scale);
+
+        let mut expected_overflows = 0;
+        let expected: Vec<I16F16> = matrix
+            .chunks_exact(columns)
+            .map(|row| {
+                let sum = row
+                    .iter()
+                    .zip(&vector)
+                    .fold(0i128, |sum, (&w, &x)| I16F16::acc_mul_add(sum, w, x));
+                I16F16::acc_scale_round(sum, scale, &mut expected_overflows)
+            })
+            .collect();
+        let mut overflows = 0;
+        let mut product = vec![I16F16::ZERO; rows];
+        I16F16::matrix_product(&matrix, &vector, scale, &mut product, &mut overflows);
+        prop_assert_eq!(&product, &expected, "matrix-vector product");
+        prop_assert_eq!(overflows, expected_overflows, "matrix-vector overflows");
+
+        // The same matrix read as `columns` rows of `rows` values, times a vector of
+        // `columns` values.
+        let mut expected_overflows = 0;
+        let expected: Vec<I16F16> = (0..rows)
+            .map(|j| {
+                let sum = (0..columns).fold(0i128, |sum, i| {
+                    I16F16::acc_mul_add(sum, matrix[i * rows + j], vector[i])
+                });
+                I16F16::acc_scale_round(sum, scale, &mut expected_overflows)
+            })
+            .collect();
+        let mut overflows = 0;
+        let mut transposed = vec![I16F16::ZERO; rows];
+        I16F16::transposed_product(&matrix, &vector, scale, &mut transposed, &mut overflows);
+        prop_assert_eq!(&transposed, &expected, "transposed product");
+        prop_assert_eq!(overflows, expected_overflows, "transposed overflows");
+    }
+}
+
+/// Runs `steps` full inference steps (every free layer, every error recomputed) on sample 0
+/// after a feedforward start with the output clamped, and returns the final energy.
+fn full_steps_inference(
+    network: &Network<'_, I16F16>,
+    workspace: &mut Workspace<'_, I16F16>,
+    input: &[I16F16],
+    target: &[I16F16],
+    steps: u32,
+    step_size: I16F16,
+) -> I16F16 {
+    let no_steps = InferenceConfig {
+        steps: 0,
+        step_size,
+        tolerance: None,
+    };
+    let stats = network
+        .infer_supervised(workspace, 0, input, target, &no_steps)
+        .unwrap();
+    let mut energy = stats.final_energy;
+    for _ in 0..steps {
+        network.inference_step(workspace, 0, step_size).unwrap();
+        energy = network.compute_errors(workspace, 0).unwrap();
+    }
+    energy
+}
+
+proptest! {
+    #![proptest_config(config(128))]
+
+    /// Inference skips layers whose errors are zero and keeps the errors below the lowest
+    /// changed layer. In I16F16 that gives the same activities, errors and energy as full
+    /// steps, bit for bit.
+    #[test]
+    fn fixed_inference_matches_full_steps(
+        case in cases(shapes(2..=MAX_DEPTH, &ACTIVATIONS), 1.5, 1.0),
+        steps in 0..12u32,
+        step_size in 0.001..0.3f64,
+    ) {
+        let shape = &case.shape;
+        let arch = shape.arch();
+        let weights = convert::<I16F16>(&case.weights);
+        let scalings = convert::<I16F16>(&shape.scalings());
+        let network = Network::new(arch, &weights, &scalings).unwrap();
+        let input = convert::<I16F16>(case.input());
+        let target = convert::<I16F16>(case.target());
+        let step_size = convert::<I16F16>(&[step_size])[0];
+        let config = InferenceConfig { steps, step_size, tolerance: None };
+
+        let mut fast = Buffers::<I16F16>::new(&arch, 1);
+        let stats = network
+            .infer_supervised(&mut fast.workspace(&arch), 0, &input, &target, &config)
+            .unwrap();
+
+        let mut full = Buffers::<I16F16>::new(&arch, 1);
+        let energy = full_steps_inference(
+            &network,
+            &mut full.workspace(&arch),
+            &input,
+            &target,
+            steps,
+            step_size,
+        );
+
+        prop_assert_eq!(stats.final_energy, energy, "final energy");
+        prop_assert_eq!(&fast.activities, &full.activities, "activities");
+        prop_assert_eq!(&fast.errors, &full.errors, "errors");
+    }
+
+    /// The unscaled weight gradients are the weight gradients divided by `a_l`, in `f64`.
+    #[test]
+    fn unscaled_gradients_divide_by_scaling(
+        case in cases(shapes(1..=MAX_DEPTH, &ACTIVATIONS), 1.5, 1.0),
+        steps in 0..4u32,
+    ) {
+        let shape = &case.shape;
+        let arch = shape.arch();
+        let scalings = shape.scalings();
+        let network = Network::new(arch, &case.weights, &scalings).unwrap();
+        let config = InferenceConfig { steps, step_size: 0.1, tolerance: None };
+        let mut buffers = Buffers::<f64>::new(&arch, 1);
+        let mut workspace = buffers.workspace(&arch);
+        network
+            .infer_supervised(&mut workspace, 0, case.input(), case.target(), &config)
+            .unwrap();
+        let mut gradients = vec![0.0; arch.weights_len()];
+        let mut unscaled = vec![0.0; arch.weights_len()];
+        network.weight_gradients(&mut workspace, 1, &mut gradients).unwrap();
+        network.weight_gradients_unscaled(&mut workspace, 1, &mut unscaled).unwrap();
+        for layer in 1..=arch.depth() {
+            let offset = arch.weight_offset(layer);
+            let len = arch.width(layer) * arch.width(layer - 1);
+            for index in offset..offset + len {
+                let expected = gradients[index] / scalings[layer - 1];
+                let tolerance = 1e-12 * (1.0 + expected.abs());
+                prop_assert!(
+                    (unscaled[index] - expected).abs() <= tolerance,
+                    "layer {layer} weight {index}: {} against {expected}",
+                    unscaled[index]
+                );
+            }
+        }
+    }
+}

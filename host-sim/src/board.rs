@@ -86,6 +86,17 @@ pub fn check_prerequisites(board_dir: &Path) -> Result<PathBuf> {
 /// Builds the firmware with the given model and sample files embedded, runs it under QEMU and
 /// parses its log.
 pub fn run_qemu_m4(board_dir: &Path, model: &Path, samples: &Path) -> Result<BoardRun> {
+    run_qemu_m4_with_timeout(board_dir, model, samples, None)
+}
+
+/// As [`run_qemu_m4`], and stops QEMU after `timeout_secs` seconds [default: the
+/// `QEMU_TIMEOUT_SECS` of the environment, else 120 s].
+pub fn run_qemu_m4_with_timeout(
+    board_dir: &Path,
+    model: &Path,
+    samples: &Path,
+    timeout_secs: Option<u64>,
+) -> Result<BoardRun> {
     let board_dir = check_prerequisites(board_dir)?;
     let model = model
         .canonicalize()
@@ -102,7 +113,11 @@ pub fn run_qemu_m4(board_dir: &Path, model: &Path, samples: &Path) -> Result<Boa
     let (flash_bytes, ram_bytes) = image_sizes(&elf)?;
 
     eprintln!("running the firmware under qemu-system-arm -machine {MACHINE}");
-    let mut child = Command::new(board_dir.join("qemu-run.sh"))
+    let mut runner = Command::new(board_dir.join("qemu-run.sh"));
+    if let Some(seconds) = timeout_secs {
+        runner.env("QEMU_TIMEOUT_SECS", seconds.to_string());
+    }
+    let mut child = runner
         .arg(&elf)
         .current_dir(&board_dir)
         .stdin(Stdio::null())

@@ -8,7 +8,7 @@ use fixedpc::{Activation, Parameterisation};
 
 use crate::data::input_error;
 use crate::train::{NetworkSpec, OptimizerKind, TrainConfig};
-use crate::{bench, check, data, demo, learn, mnist};
+use crate::{bench, check, data, demo, learn, mnist, sweep};
 
 /// Train and run predictive coding networks in floating and fixed point.
 #[derive(Parser)]
@@ -39,6 +39,9 @@ pub enum Command {
     /// Measure instruction counts on the emulated Cortex-M4, firmware memory, host training
     /// throughput and early stop, and write docs/PERFORMANCE.md (`scripts/bench` runs it).
     Bench(bench::BenchArgs),
+    /// Train muPC and SP networks of several depths in f32 and i16f16 and write a table and a
+    /// plot of test accuracy against depth.
+    Sweep(sweep::SweepArgs),
 }
 
 /// Numeric format a network computes in.
@@ -321,6 +324,7 @@ impl TrainArgs {
             learning_rate: self.lr,
             optimizer: self.optimizer,
             seed: self.seed,
+            threads: crate::train::default_threads(),
         };
         Ok((spec, config))
     }

@@ -19,6 +19,9 @@ pub fn print_epoch(label: &str, epochs: usize, report: &EpochReport) {
          overflows {}  {:.2} s",
         report.epoch, report.mean_energy, report.test_accuracy, report.overflows, report.seconds
     );
+    if let Some(summary) = report.saturation_summary() {
+        eprintln!("[{label}]   {summary}");
+    }
 }
 
 /// Encodes a trained network as a model file.

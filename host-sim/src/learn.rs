@@ -39,6 +39,9 @@ pub enum BoardCommand {
     /// Train a board on the digits over its serial link and compare its weights with the
     /// host's simulation bit for bit.
     Learn(LearnArgs),
+    /// Run an I16F16 model file on the emulated board (QEMU mps2-an386) over a test set and
+    /// compare its outputs with the host's bit for bit.
+    Run(crate::board_run::RunArgs),
 }
 
 /// Boards that `pcsim board learn` can start itself.
@@ -144,6 +147,7 @@ const PROGRESS_EVERY: usize = 100;
 pub fn run(command: &BoardCommand) -> Result<ExitCode> {
     match command {
         BoardCommand::Learn(args) => run_learn(args),
+        BoardCommand::Run(args) => crate::board_run::run(args),
     }
 }
 

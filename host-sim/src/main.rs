@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use fixedpc_host_sim::cli::{Cli, Command};
 use fixedpc_host_sim::data::InputError;
-use fixedpc_host_sim::{bench, check, demo, export, learn};
+use fixedpc_host_sim::{bench, check, demo, export, learn, sweep};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -16,6 +16,7 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(&args),
         Command::Board(command) => learn::run(&command),
         Command::Bench(args) => bench::run(&args),
+        Command::Sweep(args) => sweep::run(&args),
     };
     match result {
         Ok(code) => code,

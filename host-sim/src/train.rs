@@ -122,6 +122,15 @@ pub struct TrainConfig {
     pub optimizer: OptimizerKind,
     /// Seed of the initial weights and the shuffling.
     pub seed: u64,
+    /// Threads that infer the samples of a batch; the results are the same bits for any
+    /// count.
+    #[serde(skip)]
+    pub threads: usize,
+}
+
+/// Number of threads [`train`] uses by default: one per available core.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |count| count.get())
 }
 
 /// Figures of one epoch.
@@ -137,9 +146,82 @@ pub struct EpochReport {
     pub overflows: u64,
     /// Mean inference steps per training sample (below `T` when early stop applies).
     pub mean_inference_steps: f64,
+    /// Of `overflows`, those in the inference and weight gradients of each layer `1 ..= L`
+    /// (index `l - 1`).
+    pub layer_overflows: Vec<u64>,
+    /// Of `overflows`, those in the optimiser's weight updates.
+    pub update_overflows: u64,
+    /// Largest `|z_l|` of each layer `0 ..= L` over the training samples' final activities.
+    pub max_abs_activity: Vec<f64>,
+    /// Largest difference between two test samples' feedforward outputs, over every output
+    /// unit; 0 means the output does not depend on the input.
+    pub output_spread: f64,
+    /// Mean over the training samples of how many layers, counted from the output, have a
+    /// non-zero error at the end of inference. Inference starts with only the output error
+    /// non-zero, and each step can carry it one layer further down.
+    pub mean_error_reach: f64,
     /// Wall-clock seconds of the epoch's training.
     pub seconds: f64,
 }
+
+impl EpochReport {
+    /// Describes saturation per layer, or returns `None` when nothing saturated.
+    pub fn saturation_summary(&self) -> Option<String> {
+        if self.overflows == 0 {
+            return None;
+        }
+        let layers: Vec<String> = self
+            .layer_overflows
+            .iter()
+            .enumerate()
+            .filter(|(_, &count)| count > 0)
+            .map(|(index, count)| format!("layer {}: {count}", index + 1))
+            .collect();
+        let mut summary = format!("{} saturated or non-finite results", self.overflows);
+        if !layers.is_empty() {
+            let shown = layers.len().min(8);
+            summary += &format!(" ({}", layers[..shown].join(", "));
+            if layers.len() > shown {
+                summary += &format!(", and {} more layers", layers.len() - shown);
+            }
+            summary += ")";
+        }
+        if self.update_overflows > 0 {
+            summary += &format!(", {} in weight updates", self.update_overflows);
+        }
+        Some(summary)
+    }
+
+    /// Returns whether the feedforward output hardly depends on the input: every output unit
+    /// varies by less than [`COLLAPSED_OUTPUT_SPREAD`] over the test samples.
+    pub fn output_collapsed(&self) -> bool {
+        self.output_spread < COLLAPSED_OUTPUT_SPREAD
+    }
+}
+
+/// Output spread below which a network counts as collapsed: far below the differences
+/// between class scores of a trained network (about 0.1 to 1 for one-hot targets).
+pub const COLLAPSED_OUTPUT_SPREAD: f64 = 1e-4;
+
+/// Training stopped because the energy or the weights stopped being finite numbers.
+#[derive(Debug)]
+pub struct Diverged {
+    /// Epoch (from 1) in which it happened.
+    pub epoch: usize,
+}
+
+impl std::fmt::Display for Diverged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "training diverged in epoch {}: the energy or the weights are not finite (NaN or \
+             infinite); lower --lr or --infer-rate, or use --param mupc for deep networks",
+            self.epoch
+        )
+    }
+}
+
+impl std::error::Error for Diverged {}
 
 /// A trained network in format `S`.
 pub struct Trained<S> {
@@ -250,14 +332,14 @@ pub fn train<S: Scalar + Send + Sync>(
     let n_in = train_set.feature_count;
     let n_out = train_set.classes;
     let mut epochs = Vec::new();
-    let threads = std::thread::available_parallelism().map_or(1, |count| count.get());
+    let threads = config.threads.max(1);
 
     for epoch in 1..=config.epochs {
         let started = Instant::now();
         order.shuffle(&mut shuffler);
         let mut energy_sum = 0.0;
-        let mut epoch_overflows = 0u64;
-        let mut epoch_steps = 0u64;
+        let mut stats = BatchStats::new(&arch);
+        let mut update_overflows = 0u64;
 
         for chunk in order.chunks(batch) {
             let network = Network::new(arch, &weights, &scalings).map_err(anyhow::Error::msg)?;
@@ -267,7 +349,7 @@ pub fn train<S: Scalar + Send + Sync>(
                 n_in,
                 n_out,
             };
-            let (energy, overflows, steps) = infer_batch(
+            let batch_stats = infer_batch(
                 &network,
                 &mut buffers,
                 chunk,
@@ -275,52 +357,57 @@ pub fn train<S: Scalar + Send + Sync>(
                 &inference,
                 threads,
             )?;
-            energy_sum += energy;
-            epoch_overflows += overflows;
-            epoch_steps += steps;
+            energy_sum += batch_stats.energy;
+            stats.merge(&batch_stats);
             let mut workspace = buffers.workspace(&arch)?;
             workspace.reset_overflows();
-            network
-                .weight_gradients(&mut workspace, chunk.len(), &mut gradients)
-                .map_err(anyhow::Error::msg)?;
-            epoch_overflows += workspace.total_overflows();
-            let update_overflows = match config.optimizer {
+            // Adam is invariant to a constant factor per layer, so it steps on the gradients
+            // divided by a_l, which keeps small muPC gradients from rounding to zero.
+            match config.optimizer {
+                OptimizerKind::Sgd => {
+                    network.weight_gradients(&mut workspace, chunk.len(), &mut gradients)
+                }
+                OptimizerKind::Adam => {
+                    network.weight_gradients_unscaled(&mut workspace, chunk.len(), &mut gradients)
+                }
+            }
+            .map_err(anyhow::Error::msg)?;
+            stats.add_overflows(workspace.overflows());
+            let step_overflows = match config.optimizer {
                 OptimizerKind::Sgd => sgd.step(&mut weights, &gradients),
                 OptimizerKind::Adam => adam.step(&mut weights, &gradients, &mut first, &mut second),
             }
             .map_err(anyhow::Error::msg)?;
-            epoch_overflows += update_overflows as u64;
+            update_overflows += step_overflows as u64;
         }
 
         let seconds = started.elapsed().as_secs_f64();
         let network = Network::new(arch, &weights, &scalings).map_err(anyhow::Error::msg)?;
-        let test_accuracy = accuracy(&network, &test_inputs, &test_set.labels)?;
+        let test = test_outputs(&network, &test_inputs, &test_set.labels)?;
+        let layer_overflows = stats.overflows;
         let report = EpochReport {
             epoch,
             mean_energy: energy_sum / train_set.len() as f64,
-            test_accuracy,
-            overflows: epoch_overflows,
-            mean_inference_steps: epoch_steps as f64 / train_set.len() as f64,
+            test_accuracy: test.accuracy,
+            overflows: layer_overflows.iter().sum::<u64>() + update_overflows,
+            layer_overflows,
+            update_overflows,
+            max_abs_activity: stats.max_abs_activity,
+            output_spread: test.output_spread,
+            mean_inference_steps: stats.steps as f64 / train_set.len().max(1) as f64,
+            mean_error_reach: stats.error_reach_sum as f64 / train_set.len().max(1) as f64,
             seconds,
         };
         progress(&report);
         let diverged = !report.mean_energy.is_finite();
         epochs.push(report);
         if diverged || weights.iter().any(|w| !w.to_f64().is_finite()) {
-            anyhow::bail!(
-                "training diverged in epoch {epoch}: the energy or the weights are not finite \
-                 (NaN or infinite); lower --lr or --infer-rate"
-            );
+            return Err(Diverged { epoch }.into());
         }
     }
 
-    let last_overflows = epochs.last().map_or(0, |epoch| epoch.overflows);
-    if last_overflows > 0 {
-        eprintln!(
-            "warning: {last_overflows} results saturated or were not finite in the last epoch; \
-             {} is too narrow for these settings, so lower --input-scale, --lr or --infer-rate",
-            S::FORMAT.name()
-        );
+    if let Some(last) = epochs.last() {
+        warn_collapse::<S>(last);
     }
 
     Ok(Trained {
@@ -329,6 +416,103 @@ pub fn train<S: Scalar + Send + Sync>(
         scalings,
         epochs,
     })
+}
+
+/// Prints what went wrong in the last epoch: saturation per layer, and an output that does
+/// not depend on the input.
+fn warn_collapse<S: Scalar>(last: &EpochReport) {
+    if let Some(summary) = last.saturation_summary() {
+        let layer_max = last.max_abs_activity.iter().copied().fold(0.0, f64::max);
+        eprintln!(
+            "warning: {summary} in the last epoch, and the largest |activity| was {layer_max}; \
+             {} is too narrow for these activities, so the results are not reliable. Lower \
+             --input-scale, --lr or --infer-rate, or use --param mupc for deep networks",
+            S::FORMAT.name()
+        );
+    }
+    if last.output_collapsed() {
+        eprintln!(
+            "warning: the network's output varies by at most {:.1e} over the test samples, so it \
+             predicts (nearly) one class for every input: the signal vanished or saturated on \
+             its way through the layers. Use --skip or --param mupc for deep networks",
+            last.output_spread
+        );
+    }
+}
+
+/// Overflow counts and activity ranges of the samples of one or more batches.
+struct BatchStats {
+    energy: f64,
+    overflows: Vec<u64>,
+    max_abs_activity: Vec<f64>,
+    error_reach_sum: u64,
+    /// Inference steps taken, summed over the samples.
+    steps: u64,
+}
+
+impl BatchStats {
+    fn new(arch: &Arch<'_>) -> Self {
+        BatchStats {
+            energy: 0.0,
+            overflows: vec![0; arch.depth()],
+            max_abs_activity: vec![0.0; arch.depth() + 1],
+            error_reach_sum: 0,
+            steps: 0,
+        }
+    }
+
+    /// Adds how many layers, counted from the output, the errors `e_1 .. e_L` of one sample
+    /// reach: `L + 1 - l` for the lowest layer `l` with a non-zero error.
+    fn add_error_reach<S: Scalar>(&mut self, arch: &Arch<'_>, errors: &[S]) {
+        let depth = arch.depth();
+        let lowest = (1..=depth).find(|&layer| {
+            let offset = arch.error_offset(layer);
+            errors[offset..offset + arch.width(layer)]
+                .iter()
+                .any(|&error| error != S::ZERO)
+        });
+        if let Some(layer) = lowest {
+            self.error_reach_sum += (depth + 1 - layer) as u64;
+        }
+    }
+
+    fn add_overflows(&mut self, counts: &[u32]) {
+        for (total, &count) in self.overflows.iter_mut().zip(counts) {
+            *total += count as u64;
+        }
+    }
+
+    /// Raises the per-layer maxima to the activities `z_0 .. z_L` of one sample.
+    fn add_activities<S: Scalar>(&mut self, arch: &Arch<'_>, activities: &[S]) {
+        for (layer, max) in self.max_abs_activity.iter_mut().enumerate() {
+            let offset = arch.activity_offset(layer);
+            for value in &activities[offset..offset + arch.width(layer)] {
+                // A NaN activity counts as infinite.
+                let magnitude = value.to_f64().abs();
+                let magnitude = if magnitude.is_nan() {
+                    f64::INFINITY
+                } else {
+                    magnitude
+                };
+                *max = f64::max(*max, magnitude);
+            }
+        }
+    }
+
+    fn merge(&mut self, other: &BatchStats) {
+        for (total, &count) in self.overflows.iter_mut().zip(&other.overflows) {
+            *total += count;
+        }
+        for (max, &value) in self
+            .max_abs_activity
+            .iter_mut()
+            .zip(&other.max_abs_activity)
+        {
+            *max = f64::max(*max, value);
+        }
+        self.error_reach_sum += other.error_reach_sum;
+        self.steps += other.steps;
+    }
 }
 
 /// Features and one-hot targets of every training row, row-major.
@@ -340,7 +524,7 @@ struct BatchInputs<'a, S> {
 }
 
 /// Runs supervised inference on `rows`, row `k` in workspace slot `k`, and returns the sum of
-/// final energies, the number of overflows and the number of inference steps taken.
+/// final energies, the overflows per layer, the activity ranges and the inference steps taken.
 ///
 /// Samples infer independently, so the batch is split across up to `threads` threads and the
 /// activities and errors are the same bits for any split.
@@ -351,7 +535,7 @@ fn infer_batch<S: Scalar + Send + Sync>(
     data: &BatchInputs<'_, S>,
     inference: &InferenceConfig<S>,
     threads: usize,
-) -> Result<(f64, u64, u64)> {
+) -> Result<BatchStats> {
     let arch = *network.arch();
     let per_thread = rows.len().div_ceil(threads.max(1));
     let activities = buffers
@@ -368,7 +552,7 @@ fn infer_batch<S: Scalar + Send + Sync>(
     std::thread::scope(|scope| {
         let handles: Vec<_> = parts
             .map(|(((rows, activities), errors), scratch)| {
-                scope.spawn(move || -> Result<(f64, u64, u64)> {
+                scope.spawn(move || -> Result<BatchStats> {
                     let capacity = rows.len();
                     let activities = &mut activities[..capacity * arch.activities_len()];
                     let errors = &mut errors[..capacity * arch.errors_len()];
@@ -382,33 +566,33 @@ fn infer_batch<S: Scalar + Send + Sync>(
                         scratch,
                         &mut overflows,
                     )?;
-                    let mut energy = 0.0;
-                    let mut steps = 0u64;
+                    let mut stats = BatchStats::new(&arch);
                     for (slot, &row) in rows.iter().enumerate() {
                         let input = &data.inputs[row * data.n_in..(row + 1) * data.n_in];
                         let target = &data.targets[row * data.n_out..(row + 1) * data.n_out];
-                        let stats = network.infer_supervised(
+                        let result = network.infer_supervised(
                             &mut workspace,
                             slot,
                             input,
                             target,
                             inference,
                         )?;
-                        energy += stats.final_energy.to_f64();
-                        steps += stats.steps_taken as u64;
+                        stats.energy += result.final_energy.to_f64();
+                        stats.add_activities(&arch, workspace.activities(slot));
+                        stats.add_error_reach(&arch, workspace.errors(slot));
                     }
-                    Ok((energy, workspace.total_overflows(), steps))
+                    stats.add_overflows(workspace.overflows());
+                    Ok(stats)
                 })
             })
             .collect();
-        let mut total = (0.0, 0, 0);
+        let mut total = BatchStats::new(&arch);
         for handle in handles {
-            let (energy, overflows, steps) = handle
+            let stats = handle
                 .join()
                 .map_err(|_| anyhow::anyhow!("an inference thread panicked"))??;
-            total.0 += energy;
-            total.1 += overflows;
-            total.2 += steps;
+            total.energy += stats.energy;
+            total.merge(&stats);
         }
         Ok(total)
     })
@@ -431,10 +615,30 @@ pub fn accuracy<S: Scalar>(
     inputs: &[S],
     labels: &[usize],
 ) -> Result<f64> {
+    Ok(test_outputs(network, inputs, labels)?.accuracy)
+}
+
+/// Accuracy and output spread of the feedforward pass on a test set.
+pub struct TestOutputs {
+    /// Fraction of samples whose arg-max equals the label.
+    pub accuracy: f64,
+    /// Largest difference between two samples' outputs, over every output unit.
+    pub output_spread: f64,
+}
+
+/// Runs the feedforward pass on every test sample.
+pub fn test_outputs<S: Scalar>(
+    network: &Network<'_, S>,
+    inputs: &[S],
+    labels: &[usize],
+) -> Result<TestOutputs> {
     let arch = *network.arch();
     let mut buffers = Buffers::<S>::new(&arch, 1);
     let mut workspace = buffers.workspace(&arch)?;
     let n_in = arch.width(0);
+    let n_out = arch.width(arch.depth());
+    let mut lowest = vec![f64::INFINITY; n_out];
+    let mut highest = vec![f64::NEG_INFINITY; n_out];
     let mut correct = 0;
     for (row, &label) in labels.iter().enumerate() {
         let input = &inputs[row * n_in..(row + 1) * n_in];
@@ -444,8 +648,21 @@ pub fn accuracy<S: Scalar>(
         if arg_max(output) == label {
             correct += 1;
         }
+        for (unit, value) in output.iter().enumerate() {
+            lowest[unit] = f64::min(lowest[unit], value.to_f64());
+            highest[unit] = f64::max(highest[unit], value.to_f64());
+        }
     }
-    Ok(correct as f64 / labels.len().max(1) as f64)
+    let output_spread = lowest
+        .iter()
+        .zip(&highest)
+        .map(|(low, high)| high - low)
+        .filter(|spread| spread.is_finite())
+        .fold(0.0, f64::max);
+    Ok(TestOutputs {
+        accuracy: correct as f64 / labels.len().max(1) as f64,
+        output_spread,
+    })
 }
 
 /// Results of the test protocol that the firmware also runs.
