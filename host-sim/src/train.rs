@@ -578,6 +578,7 @@ fn infer_batch<S: Scalar + Send + Sync>(
                             inference,
                         )?;
                         stats.energy += result.final_energy.to_f64();
+                        stats.steps += u64::from(result.steps_taken);
                         stats.add_activities(&arch, workspace.activities(slot));
                         stats.add_error_reach(&arch, workspace.errors(slot));
                     }
