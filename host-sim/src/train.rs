@@ -294,9 +294,8 @@ impl<S: Scalar> Buffers<S> {
 
 /// Trains a network in format `S` and reports each epoch through `progress`.
 // NOTE: each sample runs its own matrix-vector products, so f32 training of the 64-64-64-10
-// digits network takes about 0.13 s per epoch on 2 shared cores (docs/PERFORMANCE.md), slower
-// than the 0.07 to 0.11 s the maintainers measured for JPC. A batched (matrix-matrix) f32
-// path would be needed to go faster.
+// digits network takes about 0.09 s per epoch on 2 cores (docs/PERFORMANCE.md), no faster
+// than the 0.07 to 0.11 s measured for JPC. Five times faster needs batched f32 products.
 pub fn train<S: Scalar + Send + Sync>(
     spec: &NetworkSpec,
     config: &TrainConfig,
