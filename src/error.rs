@@ -77,7 +77,7 @@ pub enum Error {
         /// CRC of the bytes read.
         computed: u32,
     },
-    /// A header field holds a value this version does not define.
+    /// A header field contains a value this version does not define.
     InvalidField {
         /// Which field.
         field: Field,

@@ -25,7 +25,7 @@ pub struct InferenceConfig<S> {
     pub tolerance: Option<S>,
 }
 
-/// What one sample's inference did.
+/// Outcome of one sample's inference.
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct InferenceStats<S> {

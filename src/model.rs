@@ -53,7 +53,7 @@ pub const fn encoded_len(widths: &[usize], format: NumericFormat) -> usize {
     HEADER_LEN + 4 * widths.len() + values * format.bytes() + 4
 }
 
-/// What a model file holds besides its numbers.
+/// Contents of a model file besides its numbers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct ModelHeader {
@@ -61,7 +61,7 @@ pub struct ModelHeader {
     pub format: NumericFormat,
     /// Activation of layers `2 ..= L`.
     pub activation: Activation,
-    /// How the scalings were chosen.
+    /// Parameterisation that chose the scalings.
     pub parameterisation: Parameterisation,
     /// Identity skips on layers `2 ..= L-1`.
     pub skip: bool,

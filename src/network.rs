@@ -79,7 +79,7 @@ pub const fn inference_memory_bytes(widths: &[usize], value_bytes: usize) -> usi
     values * value_bytes + widths.len() * 4
 }
 
-/// How the layer scalings `a_l` and the initial weights are chosen.
+/// Rule that chooses the layer scalings `a_l` and the initial weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum Parameterisation {

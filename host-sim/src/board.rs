@@ -11,7 +11,7 @@ use serde::Serialize;
 /// QEMU machine of the emulated board.
 pub const MACHINE: &str = "mps2-an386";
 
-/// What the firmware reported and what its image needs.
+/// Firmware report and image size.
 #[derive(Clone, Debug, Serialize)]
 pub struct BoardRun {
     /// QEMU machine name.

@@ -51,15 +51,15 @@ pub struct CaseInference {
     pub step_size: f64,
     /// Number of steps `T`.
     pub steps: usize,
-    /// How JPC ran it (informational).
+    /// JPC's run settings, for information only.
     #[serde(default)]
     pub implementation: Option<String>,
-    /// Which layers are free (informational).
+    /// Free layers, for information only.
     #[serde(default)]
     pub free_layers: Option<String>,
 }
 
-/// What JPC computed.
+/// JPC's results.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct CaseExpected {
     /// Free layers after the feedforward pass, `[layer][sample][unit]`.
