@@ -23,6 +23,58 @@ pub struct InferenceConfig<S> {
     pub step_size: S,
     /// Stop early once one step changes the sample's energy by at most this much.
     pub tolerance: Option<S>,
+    /// How each activity update is rounded to the format (fixed point only).
+    pub rounding: ActivityRounding,
+}
+
+/// Rounding of an activity update `step * dE/dz` in fixed point.
+///
+/// Float formats ignore it and round as their arithmetic does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum ActivityRounding {
+    /// Round to nearest: an update below half an LSB is lost.
+    #[default]
+    Nearest,
+    /// Round up with probability equal to the dropped fraction, so small updates survive on
+    /// average. The random bits are a hash of the activity, its gradient, its layer and unit,
+    /// and the step number, so a run is deterministic and the same on every target and for
+    /// any split of a batch across threads.
+    Stochastic,
+}
+
+impl ActivityRounding {
+    /// Returns the lower-case name used on command lines (`nearest`, `stochastic`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            ActivityRounding::Nearest => "nearest",
+            ActivityRounding::Stochastic => "stochastic",
+        }
+    }
+}
+
+/// Returns 32 random bits for the stochastic rounding of one activity update.
+///
+/// The inputs are the raw little-endian bytes of the activity and of its gradient, the unit's
+/// position in the sample's activities and the step number, mixed by the SplitMix64 finaliser.
+fn update_random_bits<S: Scalar>(activity: S, gradient: S, position: usize, step: u32) -> u32 {
+    let mut x = raw_bits(activity)
+        ^ raw_bits(gradient).rotate_left(32)
+        ^ (position as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ u64::from(step).wrapping_mul(0xd1b5_4a32_d192_ed03);
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    (x >> 32) as u32
+}
+
+/// Returns the stored bytes of a value (up to 8) as an integer.
+fn raw_bits<S: Scalar>(value: S) -> u64 {
+    let mut bytes = [0u8; 8];
+    value.write_le(&mut bytes[..S::FORMAT.bytes()]);
+    u64::from_le_bytes(bytes)
 }
 
 /// Outcome of one sample's inference.
@@ -116,7 +168,13 @@ impl<S: Scalar> Network<'_, S> {
             // feedforward start the changes spread down from the output one layer per step.
             // Errors below the lowest changed layer keep their values and are not recomputed;
             // in fixed point that gives the same bits as recomputing them.
-            let lowest_changed = self.step_free_layers(workspace, sample, config.step_size)?;
+            let lowest_changed = self.step_free_layers(
+                workspace,
+                sample,
+                config.step_size,
+                config.rounding,
+                steps_taken,
+            )?;
             let next = match lowest_changed {
                 Some(layer) => self.errors_from_layer(workspace, sample, layer)?,
                 None => energy,
@@ -204,7 +262,7 @@ impl<S: Scalar> Network<'_, S> {
     }
 
     /// Takes one gradient step on every free layer of a sample, using the errors left by the
-    /// last [`Network::compute_errors`].
+    /// last [`Network::compute_errors`], rounding each update to nearest.
     ///
     /// # Errors
     ///
@@ -215,7 +273,7 @@ impl<S: Scalar> Network<'_, S> {
         sample: usize,
         step_size: S,
     ) -> Result<(), Error> {
-        self.step_free_layers(workspace, sample, step_size)
+        self.step_free_layers(workspace, sample, step_size, ActivityRounding::Nearest, 0)
             .map(|_| ())
     }
 
@@ -230,6 +288,8 @@ impl<S: Scalar> Network<'_, S> {
         workspace: &mut Workspace<'_, S>,
         sample: usize,
         step_size: S,
+        rounding: ActivityRounding,
+        step: u32,
     ) -> Result<Option<usize>, Error> {
         workspace.check(&self.arch, sample.saturating_add(1))?;
         let mut lowest_changed = None;
@@ -243,11 +303,20 @@ impl<S: Scalar> Network<'_, S> {
                 sample * workspace.activities_per_sample + self.arch.activity_offset(layer);
             let z = &mut workspace.activities[z_offset..z_offset + width];
             let overflows = &mut workspace.overflows[layer - 1];
-            // NOTE: in fixed point a change below half an LSB rounds to zero, so in deep muPC
-            // networks the error reaches fewer layers from the output than in f32.
+            let stochastic = rounding == ActivityRounding::Stochastic && S::FORMAT.is_fixed_point();
+            let position = self.arch.activity_offset(layer);
             let mut changed = false;
-            for (activity, &gradient) in z.iter_mut().zip(workspace.scratch[..width].iter()) {
-                let change = step_size.saturating_mul(gradient, overflows);
+            for (j, (activity, &gradient)) in z
+                .iter_mut()
+                .zip(workspace.scratch[..width].iter())
+                .enumerate()
+            {
+                let change = if stochastic {
+                    let random = update_random_bits(*activity, gradient, position + j, step);
+                    step_size.saturating_mul_stochastic(gradient, random, overflows)
+                } else {
+                    step_size.saturating_mul(gradient, overflows)
+                };
                 let updated = activity.saturating_sub(change, overflows);
                 changed |= updated != *activity;
                 *activity = updated;
@@ -359,6 +428,39 @@ impl<S: Scalar> Network<'_, S> {
             for (mu, &x) in out.iter_mut().zip(input) {
                 *mu = mu.saturating_add(x, overflows);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fixed::types::I16F16;
+
+    /// The 16 bits that round an `I16F16` product are close to uniform over nearby states, so
+    /// an update rounds up with the probability of its dropped fraction.
+    #[test]
+    fn update_bits_are_uniform_over_the_dropped_fraction() {
+        const SAMPLES: u32 = 1 << 16;
+        const BUCKETS: usize = 16;
+        let mut counts = [0u32; BUCKETS];
+        let mut sum = 0u64;
+        for n in 0..SAMPLES {
+            // Neighbouring activities, gradients, units and steps, as in one inference.
+            let activity = I16F16::from_bits(1000 + (n % 7) as i32);
+            let gradient = I16F16::from_bits(-300 + (n / 7 % 11) as i32);
+            let position = (n / 77 % 64) as usize;
+            let step = n / (77 * 64);
+            let bits = update_random_bits(activity, gradient, position, step) & 0xffff;
+            sum += u64::from(bits);
+            counts[(bits >> 12) as usize] += 1;
+        }
+        let mean = sum as f64 / f64::from(SAMPLES);
+        assert!((mean / 32767.5 - 1.0).abs() < 0.01, "mean {mean}");
+        let expected = f64::from(SAMPLES) / BUCKETS as f64;
+        for (bucket, &count) in counts.iter().enumerate() {
+            let ratio = f64::from(count) / expected;
+            assert!((ratio - 1.0).abs() < 0.05, "bucket {bucket}: {count}");
         }
     }
 }

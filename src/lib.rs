@@ -16,7 +16,7 @@
 //!
 //! ```
 //! use fixedpc::network::{activities_len, errors_len, scratch_len, weights_len};
-//! use fixedpc::{Activation, Arch, InferenceConfig, Network, Sgd, Workspace, I16F16};
+//! use fixedpc::{ActivityRounding, Activation, Arch, InferenceConfig, Network, Sgd, Workspace, I16F16};
 //!
 //! const WIDTHS: [usize; 3] = [2, 3, 1];
 //! let arch = Arch::new(&WIDTHS, Activation::Tanh, false)?;
@@ -34,7 +34,12 @@
 //!
 //! let input = [I16F16::from_num(0.5), I16F16::from_num(-1)];
 //! let target = [I16F16::from_num(0.75)];
-//! let config = InferenceConfig { steps: 20, step_size: I16F16::from_num(0.1), tolerance: None };
+//! let config = InferenceConfig {
+//!     steps: 20,
+//!     step_size: I16F16::from_num(0.1),
+//!     tolerance: None,
+//!     rounding: ActivityRounding::Nearest,
+//! };
 //!
 //! let network = Network::new(arch, &weights, &scalings)?;
 //! let stats = network.infer_supervised(&mut workspace, 0, &input, &target, &config)?;
@@ -67,7 +72,7 @@ mod tanh_table;
 pub use activation::Activation;
 pub use error::Error;
 pub use fixed::types::{I16F16, I4F12};
-pub use infer::{InferenceConfig, InferenceStats};
+pub use infer::{ActivityRounding, InferenceConfig, InferenceStats};
 pub use learn::{Adam, Sgd, StochasticSgd, XorShift32};
 pub use model::Model;
 pub use network::{Arch, Network, Parameterisation, Workspace};

@@ -9,7 +9,7 @@
 //! | 6 | 1 | numeric format ([`NumericFormat::code`]) |
 //! | 7 | 1 | activation ([`Activation::code`]) |
 //! | 8 | 1 | parameterisation ([`Parameterisation::code`]) |
-//! | 9 | 1 | flags: bit 0 identity skips, bit 1 inference tolerance present |
+//! | 9 | 1 | flags: bit 0 identity skips, bit 1 inference tolerance present, bit 2 stochastic activity rounding |
 //! | 10 | 2 | depth `L` (number of weight layers), at least 1 |
 //! | 12 | 4 | inference steps `T` |
 //! | 16 | 4 (L+1) | widths `n_0 .. n_L`, each at least 1 |
@@ -30,7 +30,7 @@ use crc::{Crc, CRC_32_ISO_HDLC};
 
 use crate::activation::Activation;
 use crate::error::{Buffer, Error, Field};
-use crate::infer::InferenceConfig;
+use crate::infer::{ActivityRounding, InferenceConfig};
 use crate::network::{check_len, Arch, Parameterisation};
 use crate::scalar::{NumericFormat, Scalar};
 
@@ -44,6 +44,7 @@ const HEADER_LEN: usize = 16;
 const HEADER_VALUES: usize = 3;
 const FLAG_SKIP: u8 = 1;
 const FLAG_TOLERANCE: u8 = 2;
+const FLAG_STOCHASTIC: u8 = 4;
 const CRC: Crc<u32> = Crc::<u32>::new(&CRC_32_ISO_HDLC);
 
 /// Size in bytes of a model file for these widths and format.
@@ -71,6 +72,8 @@ pub struct ModelHeader {
     pub inference_steps: u32,
     /// Whether an early-stop tolerance is stored.
     pub has_tolerance: bool,
+    /// Rounding of the activity updates during inference.
+    pub rounding: ActivityRounding,
 }
 
 /// A validated model file borrowed from memory (flash on a board).
@@ -152,7 +155,7 @@ impl<'a> Model<'a> {
                 value: bytes[8] as u32,
             })?;
         let flags = bytes[9];
-        if flags & !(FLAG_SKIP | FLAG_TOLERANCE) != 0 {
+        if flags & !(FLAG_SKIP | FLAG_TOLERANCE | FLAG_STOCHASTIC) != 0 {
             return Err(Error::InvalidField {
                 field: Field::Flags,
                 value: flags as u32,
@@ -173,6 +176,11 @@ impl<'a> Model<'a> {
             depth,
             inference_steps: read_u32(bytes, 12),
             has_tolerance: flags & FLAG_TOLERANCE != 0,
+            rounding: if flags & FLAG_STOCHASTIC != 0 {
+                ActivityRounding::Stochastic
+            } else {
+                ActivityRounding::Nearest
+            },
         };
 
         let widths_end = HEADER_LEN + 4 * (depth + 1);
@@ -316,6 +324,7 @@ impl<'a> Model<'a> {
             } else {
                 None
             },
+            rounding: self.header.rounding,
         })
     }
 
@@ -410,6 +419,9 @@ pub fn write_model<S: Scalar>(
     if inference.tolerance.is_some() {
         flags |= FLAG_TOLERANCE;
     }
+    if inference.rounding == ActivityRounding::Stochastic {
+        flags |= FLAG_STOCHASTIC;
+    }
     out[9] = flags;
     out[10..12].copy_from_slice(&depth.to_le_bytes());
     out[12..16].copy_from_slice(&inference.steps.to_le_bytes());
@@ -451,6 +463,7 @@ mod tests {
             steps: 20,
             step_size: I16F16::from_num(0.1),
             tolerance: None,
+            rounding: ActivityRounding::Nearest,
         };
         let mut out = [0u8; LEN];
         let written = write_model(
@@ -524,11 +537,13 @@ mod tests {
     fn i4f12_round_trip_keeps_every_value() {
         const NARROW_LEN: usize = encoded_len(&WIDTHS, NumericFormat::I4F12);
         let arch = Arch::new(&WIDTHS, Activation::Relu, false).unwrap();
-        let weights: [I4F12; 20] = core::array::from_fn(|i| I4F12::from_num(i as i32 - 7) / 8);
+        // (i - 7) / 8 for i below 20, from raw bits: I4F12 holds values below 8 only.
+        let weights: [I4F12; 20] = core::array::from_fn(|i| I4F12::from_bits((i as i16 - 7) << 9));
         let inference = InferenceConfig {
             steps: 5,
             step_size: I4F12::from_num(0.125),
             tolerance: Some(I4F12::from_bits(3)),
+            rounding: ActivityRounding::Stochastic,
         };
         let mut file = [0u8; NARROW_LEN];
         let written = write_model(

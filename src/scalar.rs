@@ -50,6 +50,11 @@ impl NumericFormat {
         }
     }
 
+    /// Returns whether values are fixed-point integers (`I16F16`, `I4F12`).
+    pub const fn is_fixed_point(self) -> bool {
+        matches!(self, NumericFormat::I16F16 | NumericFormat::I4F12)
+    }
+
     /// Returns the size of one stored value in bytes.
     pub const fn bytes(self) -> usize {
         match self {

@@ -177,7 +177,7 @@ proptest! {
             let row = &matrix[i * columns..(i + 1) * columns];
             prop_assert_eq!(*sum, Some(dot_i16_portable(row, vector)));
         }
-        let wide: Vec<i32> = matrix.iter().map(|&x| x as i32 * 65_537).collect();
+        let wide: Vec<i32> = matrix.iter().map(|&x| (x as i32).wrapping_mul(65_537)).collect();
         let wide_vector: Vec<i32> = vector.iter().map(|&x| x as i32 * 3).collect();
         let mut wide_sums = vec![None; rows];
         rows_dot_i32_wrapping(&wide, &wide_vector, |i, sum| wide_sums[i] = Some(sum));

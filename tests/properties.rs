@@ -10,8 +10,8 @@ use fixedpc::evaluate::{samples_encoded_len, write_samples, SampleSet};
 use fixedpc::model::{encoded_len, write_model};
 use fixedpc::network::{activities_len, weights_len};
 use fixedpc::{
-    Activation, Adam, Arch, Error, InferenceConfig, InferenceStats, Model, Network, NumericFormat,
-    Parameterisation, Scalar, Sgd, Workspace, I16F16, I4F12,
+    Activation, ActivityRounding, Adam, Arch, Error, InferenceConfig, InferenceStats, Model,
+    Network, NumericFormat, Parameterisation, Scalar, Sgd, Workspace, I16F16, I4F12,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -444,7 +444,7 @@ proptest! {
         let mut buffers = Buffers::<f64>::new(&arch, 1);
         buffers.activities.copy_from_slice(&case.activities);
         if from_feedforward {
-            let no_steps = InferenceConfig { steps: 0, step_size: 0.0, tolerance: None };
+            let no_steps = InferenceConfig { steps: 0, step_size: 0.0, tolerance: None, rounding: ActivityRounding::Nearest };
             let mut workspace = buffers.workspace(&arch);
             network.infer_supervised(
                 &mut workspace, 0, case.input(), case.target(), &no_steps)?;
@@ -471,7 +471,7 @@ proptest! {
         }
 
         buffers.activities.copy_from_slice(&start);
-        let config = InferenceConfig { steps: DESCENT_STEPS, step_size, tolerance: None };
+        let config = InferenceConfig { steps: DESCENT_STEPS, step_size, tolerance: None, rounding: ActivityRounding::Nearest };
         let mut workspace = buffers.workspace(&arch);
         let stats = network.infer(&mut workspace, 0, &config)?;
         prop_assert_eq!(stats.steps_taken, DESCENT_STEPS);
@@ -779,6 +779,7 @@ proptest! {
                 steps,
                 step_size: I16F16::from_num(step_size),
                 tolerance: None,
+                rounding: ActivityRounding::Nearest,
             };
             network.infer_supervised(&mut workspace, 0, &input, &target, &config)?;
             network.weight_gradients(&mut workspace, 1, &mut gradients)?;
@@ -966,6 +967,7 @@ fn check_model_file<S: Scalar, Other: Scalar>(case: &ModelCase) -> Result<(), Te
         steps: case.steps,
         step_size: settings[0],
         tolerance: case.has_tolerance.then_some(settings[1]),
+        rounding: ActivityRounding::Nearest,
     };
     let input_scale = settings[2];
 
@@ -1318,6 +1320,7 @@ proptest! {
             steps,
             step_size: I16F16::from_num(step_size),
             tolerance: None,
+            rounding: ActivityRounding::Nearest,
         };
 
         let first = run_inference(&network, 1, 0, &input, &target, &config)?;
@@ -1362,8 +1365,8 @@ proptest! {
         let network64 = Network::new(arch, &weights64, &scalings64)?;
         let network32 = Network::new(arch, &weights32, &scalings32)?;
 
-        let no_steps64 = InferenceConfig { steps: 0, step_size: 0.0, tolerance: None };
-        let no_steps32 = InferenceConfig { steps: 0, step_size: 0.0f32, tolerance: None };
+        let no_steps64 = InferenceConfig { steps: 0, step_size: 0.0, tolerance: None, rounding: ActivityRounding::Nearest };
+        let no_steps32 = InferenceConfig { steps: 0, step_size: 0.0f32, tolerance: None, rounding: ActivityRounding::Nearest };
         let start64 = run_inference(&network64, 1, 0, &input64, &target64, &no_steps64)?;
         let start32 = run_inference(&network32, 1, 0, &input32, &target32, &no_steps32)?;
         let pairs = start32.activities.iter().zip(&start64.activities);
@@ -1383,8 +1386,9 @@ proptest! {
             steps: DESCENT_STEPS,
             step_size: step_size as f64,
             tolerance: None,
+            rounding: ActivityRounding::Nearest,
         };
-        let config32 = InferenceConfig { steps: DESCENT_STEPS, step_size, tolerance: None };
+        let config32 = InferenceConfig { steps: DESCENT_STEPS, step_size, tolerance: None, rounding: ActivityRounding::Nearest };
         let end64 = run_inference(&network64, 1, 0, &input64, &target64, &config64)?;
         let end32 = run_inference(&network32, 1, 0, &input32, &target32, &config32)?;
         let pairs = end32.activities.iter().zip(&end64.activities);
@@ -1514,7 +1518,7 @@ proptest! {
         let mut workspace = buffers.workspace(&arch);
         let input = case.input();
         let target = case.target();
-        let config = InferenceConfig { steps: 3, step_size: 0.1, tolerance: None };
+        let config = InferenceConfig { steps: 3, step_size: 0.1, tolerance: None, rounding: ActivityRounding::Nearest };
 
         for sample in [capacity.saturating_add(beyond), usize::MAX - beyond] {
             let is_batch_error = |result: Result<(), Error>| {
@@ -1700,6 +1704,7 @@ fn full_steps_inference(
         steps: 0,
         step_size,
         tolerance: None,
+        rounding: ActivityRounding::Nearest,
     };
     let stats = network
         .infer_supervised(workspace, 0, input, target, &no_steps)
@@ -1732,7 +1737,7 @@ proptest! {
         let input = convert::<I16F16>(case.input());
         let target = convert::<I16F16>(case.target());
         let step_size = convert::<I16F16>(&[step_size])[0];
-        let config = InferenceConfig { steps, step_size, tolerance: None };
+        let config = InferenceConfig { steps, step_size, tolerance: None, rounding: ActivityRounding::Nearest };
 
         let mut fast = Buffers::<I16F16>::new(&arch, 1);
         let stats = network
@@ -1764,7 +1769,7 @@ proptest! {
         let arch = shape.arch();
         let scalings = shape.scalings();
         let network = Network::new(arch, &case.weights, &scalings).unwrap();
-        let config = InferenceConfig { steps, step_size: 0.1, tolerance: None };
+        let config = InferenceConfig { steps, step_size: 0.1, tolerance: None, rounding: ActivityRounding::Nearest };
         let mut buffers = Buffers::<f64>::new(&arch, 1);
         let mut workspace = buffers.workspace(&arch);
         network
@@ -1787,5 +1792,74 @@ proptest! {
                 );
             }
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(config(128))]
+
+    /// Stochastic rounding of the activity updates moves each activity of an `I16F16` step at
+    /// most one LSB away from the nearest-rounded step, gives the same bits on a second run,
+    /// and leaves float formats unchanged.
+    #[test]
+    fn stochastic_activity_rounding_stays_within_one_lsb(
+        case in cases(shapes(2..=MAX_DEPTH, &ACTIVATIONS), 1.5, 1.0),
+        step_size in 0.001..0.3f64,
+    ) {
+        let shape = &case.shape;
+        let arch = shape.arch();
+        let weights = convert::<I16F16>(&case.weights);
+        let scalings = convert::<I16F16>(&shape.scalings());
+        let network = Network::new(arch, &weights, &scalings).unwrap();
+        let input = convert::<I16F16>(case.input());
+        let target = convert::<I16F16>(case.target());
+        let one_step = |rounding| InferenceConfig {
+            steps: 1,
+            step_size: convert::<I16F16>(&[step_size])[0],
+            tolerance: None,
+            rounding,
+        };
+        let run = |rounding| {
+            let mut buffers = Buffers::<I16F16>::new(&arch, 1);
+            network
+                .infer_supervised(
+                    &mut buffers.workspace(&arch),
+                    0,
+                    &input,
+                    &target,
+                    &one_step(rounding),
+                )
+                .unwrap();
+            buffers.activities
+        };
+        let nearest = run(ActivityRounding::Nearest);
+        let stochastic = run(ActivityRounding::Stochastic);
+        prop_assert_eq!(&stochastic, &run(ActivityRounding::Stochastic), "second run");
+        for (index, (a, b)) in nearest.iter().zip(&stochastic).enumerate() {
+            let lsbs = (a.to_bits() - b.to_bits()).abs();
+            prop_assert!(lsbs <= 1, "activity {index}: {a} and {b} differ by {lsbs} LSB");
+        }
+
+        let float_scalings = shape.scalings();
+        let network = Network::new(arch, &case.weights, &float_scalings).unwrap();
+        let float_run = |rounding| {
+            let mut buffers = Buffers::<f64>::new(&arch, 1);
+            let config = InferenceConfig { steps: 3, step_size, tolerance: None, rounding };
+            network
+                .infer_supervised(
+                    &mut buffers.workspace(&arch),
+                    0,
+                    case.input(),
+                    case.target(),
+                    &config,
+                )
+                .unwrap();
+            buffers.activities
+        };
+        prop_assert_eq!(
+            float_run(ActivityRounding::Nearest),
+            float_run(ActivityRounding::Stochastic),
+            "f64 ignores the rounding"
+        );
     }
 }

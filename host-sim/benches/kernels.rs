@@ -6,7 +6,10 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use fixedpc::{Activation, Arch, InferenceConfig, Network, Scalar, Sgd, Workspace, I16F16, I4F12};
+use fixedpc::{
+    Activation, ActivityRounding, Arch, InferenceConfig, Network, Scalar, Sgd, Workspace, I16F16,
+    I4F12,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -78,6 +81,7 @@ fn bench_format<S: Scalar>(c: &mut Criterion) {
         steps: 20,
         step_size: S::from_f64_rounded(0.1, &mut spare),
         tolerance: None,
+        rounding: ActivityRounding::Nearest,
     };
     let input = &data.inputs[..DIGITS[0]];
     let target = &data.targets[..DIGITS[3]];

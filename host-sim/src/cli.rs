@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use fixedpc::{Activation, Parameterisation};
+use fixedpc::{Activation, ActivityRounding, Parameterisation};
 
 use crate::data::input_error;
 use crate::train::{NetworkSpec, OptimizerKind, TrainConfig};
@@ -158,6 +158,12 @@ pub struct TrainArgs {
     /// steps]
     #[arg(long)]
     pub tolerance: Option<f64>,
+    /// Rounding of each activity update (step size times gradient) in fixed point: nearest,
+    /// or stochastic (rounds up with probability equal to the dropped fraction of an LSB, so
+    /// updates below half an LSB survive on average; deterministic, the bits are hashed from
+    /// the state). Float formats ignore it
+    #[arg(long, default_value = "nearest", value_parser = parse_rounding)]
+    pub activity_rounding: ActivityRounding,
     /// Learning rate of the weight optimiser
     #[arg(long, default_value_t = 0.2)]
     pub lr: f64,
@@ -217,6 +223,17 @@ fn parse_activation(name: &str) -> Result<Activation, String> {
             names.join(", ")
         )
     })
+}
+
+/// Parses `nearest` or `stochastic`.
+pub fn parse_rounding(name: &str) -> Result<ActivityRounding, String> {
+    match name {
+        "nearest" => Ok(ActivityRounding::Nearest),
+        "stochastic" => Ok(ActivityRounding::Stochastic),
+        _ => Err(format!(
+            "unknown rounding '{name}'; expected nearest or stochastic"
+        )),
+    }
 }
 
 fn parse_parameterisation(name: &str) -> Result<Parameterisation, String> {
@@ -315,6 +332,7 @@ impl TrainArgs {
             infer_steps: self.infer_steps,
             infer_rate: self.infer_rate,
             tolerance: self.tolerance,
+            rounding: self.activity_rounding,
         };
         spec.arch()
             .map_err(|error| input_error(format!("--arch/--skip: {error}")))?;

@@ -9,7 +9,9 @@
 use std::path::Path;
 
 use anyhow::Result;
-use fixedpc::{Activation, Arch, InferenceConfig, Network, Scalar, Sgd, Workspace};
+use fixedpc::{
+    Activation, ActivityRounding, Arch, InferenceConfig, Network, Scalar, Sgd, Workspace,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::data::input_error;
@@ -569,6 +571,7 @@ pub fn run_core<S: Scalar>(case: &Case) -> Result<CoreRun> {
         steps: 0,
         step_size,
         tolerance: None,
+        rounding: ActivityRounding::Nearest,
     };
 
     for sample in 0..batch {

@@ -10,10 +10,10 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use fixedpc::{Activation, Parameterisation, Scalar, I16F16, I4F12};
+use fixedpc::{Activation, ActivityRounding, Parameterisation, Scalar, I16F16, I4F12};
 use serde::Serialize;
 
-use crate::cli::{check_output_dir, DataArgs, Numeric};
+use crate::cli::{check_output_dir, parse_rounding, DataArgs, Numeric};
 use crate::data::{input_error, Dataset};
 use crate::export::{encode, write_file};
 use crate::plot;
@@ -104,6 +104,9 @@ pub struct SweepArgs {
     /// --batch [default: 0.5 for relu and other activations, 1.0 for tanh]
     #[arg(long, value_name = "STEP")]
     batch_infer_rate: Option<f64>,
+    /// Rounding of activity updates in fixed point, as for `pcsim train`
+    #[arg(long, default_value = "stochastic", value_parser = parse_rounding)]
+    activity_rounding: ActivityRounding,
     /// Factor applied to every raw feature [default: 0.012728 for mnist, which gives its pixels
     /// a root mean square of about 1.09; 1 / the largest absolute training feature otherwise]
     #[arg(long)]
@@ -268,6 +271,7 @@ struct Plan {
     sp_lr: f64,
     batch_infer_rate: Option<f64>,
     input_scale: f64,
+    rounding: ActivityRounding,
     seed: u64,
     threads_per_run: usize,
     out_dir: PathBuf,
@@ -295,6 +299,7 @@ impl Plan {
             infer_steps: (run.depth - 1) as u32,
             infer_rate: self.infer_rate(run.act),
             tolerance: None,
+            rounding: self.rounding,
         }
     }
 
@@ -440,6 +445,7 @@ pub fn run(args: &SweepArgs) -> Result<ExitCode> {
         sp_lr: args.sp_lr,
         batch_infer_rate: args.batch_infer_rate,
         input_scale,
+        rounding: args.activity_rounding,
         seed: args.seed,
         threads_per_run: (cores / args.jobs).max(1),
         out_dir: args.out_dir.clone(),
@@ -676,7 +682,8 @@ fn markdown_tables(
     let _ = writeln!(
         out,
         "Width {}, {} epoch(s) of Adam (learning rate {} for muPC and {} for SP, batch {}), \
-         T = depth - 1 inference steps, {} training and {} test rows, input scale {}, seed {}.",
+         T = depth - 1 inference steps, {} training and {} test rows, input scale {}, seed {}, \
+         fixed-point activity updates rounded {}.",
         plan.width,
         plan.epochs,
         plan.lr,
@@ -685,7 +692,11 @@ fn markdown_tables(
         train_set.len(),
         test_set.len(),
         plan.input_scale,
-        plan.seed
+        plan.seed,
+        match plan.rounding {
+            ActivityRounding::Nearest => "to nearest",
+            ActivityRounding::Stochastic => "stochastically",
+        }
     );
     for &act in &args.acts {
         let _ = writeln!(

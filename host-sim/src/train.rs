@@ -5,7 +5,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use fixedpc::evaluate::{arg_max, evaluate_sample, one_hot, TestChecksum};
 use fixedpc::{
-    Activation, Adam, Arch, InferenceConfig, Network, Parameterisation, Scalar, Sgd, Workspace,
+    Activation, ActivityRounding, Adam, Arch, InferenceConfig, Network, Parameterisation, Scalar,
+    Sgd, Workspace,
 };
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -46,6 +47,16 @@ pub struct NetworkSpec {
     pub infer_rate: f64,
     /// Early-stop tolerance on the per-sample energy change.
     pub tolerance: Option<f64>,
+    /// Rounding of activity updates in fixed point.
+    #[serde(serialize_with = "serialize_rounding")]
+    pub rounding: ActivityRounding,
+}
+
+fn serialize_rounding<S: serde::Serializer>(
+    rounding: &ActivityRounding,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_str(rounding.name())
 }
 
 fn serialize_activation<S: serde::Serializer>(act: &Activation, s: S) -> Result<S::Ok, S::Error> {
@@ -74,6 +85,7 @@ impl NetworkSpec {
             tolerance: self
                 .tolerance
                 .map(|t| S::from_f64_rounded(t, &mut overflows)),
+            rounding: self.rounding,
         }
     }
 

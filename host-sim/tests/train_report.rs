@@ -1,6 +1,6 @@
 //! Epoch reports of `pcsim train` on a slice of the bundled digits.
 
-use fixedpc::{Activation, Parameterisation, I16F16};
+use fixedpc::{Activation, ActivityRounding, Parameterisation, I16F16};
 use fixedpc_host_sim::data;
 use fixedpc_host_sim::train::{self, NetworkSpec, OptimizerKind, TrainConfig};
 
@@ -14,6 +14,7 @@ fn spec(tolerance: Option<f64>) -> NetworkSpec {
         infer_steps: 20,
         infer_rate: 0.1,
         tolerance,
+        rounding: ActivityRounding::Nearest,
     }
 }
 

@@ -6,8 +6,8 @@
 use fixedpc::evaluate::{evaluate_sample, one_hot, SampleResult, TestChecksum};
 use fixedpc::network::weights_len;
 use fixedpc::{
-    Activation, Arch, InferenceConfig, Network, Parameterisation, Scalar, Sgd, StochasticSgd,
-    Workspace, XorShift32, I16F16,
+    Activation, ActivityRounding, Arch, InferenceConfig, Network, Parameterisation, Scalar, Sgd,
+    StochasticSgd, Workspace, XorShift32, I16F16,
 };
 
 use crate::protocol::{
@@ -92,6 +92,7 @@ impl<S: Scalar> LearnConfig<S> {
                 steps: settings.steps,
                 step_size: from_raw(settings.step_size),
                 tolerance: settings.tolerance.map(from_raw),
+                rounding: ActivityRounding::Nearest,
             },
             optimiser,
             pulse_gap_us: settings.pulse_gap_us,

@@ -26,8 +26,8 @@ use cortex_m_rt::{entry, exception, ExceptionFrame};
 use defmt_semihosting as _;
 use fixedpc::network::{activities_len, errors_len, scratch_len, weights_len};
 use fixedpc::{
-    kernels, Activation, Arch, InferenceConfig, Network, Scalar, Sgd, Workspace, XorShift32,
-    I16F16, I4F12,
+    kernels, Activation, ActivityRounding, Arch, InferenceConfig, Network, Scalar, Sgd, Workspace,
+    XorShift32, I16F16, I4F12,
 };
 
 #[path = "../../qemu-m4/src/stack.rs"]
@@ -145,6 +145,7 @@ fn bench_format<S: Scalar + Pod>(name: &str, widths: &[usize], mut arena: &mut [
         steps: STEPS,
         step_size: S::from_f64_rounded(0.1, &mut spare),
         tolerance: None,
+        rounding: ActivityRounding::Nearest,
     };
     let sgd = Sgd {
         learning_rate: S::from_f64_rounded(0.1, &mut spare),
