@@ -163,6 +163,7 @@ where
 /// short of `+-1`. It needs no
 /// exponential, which makes it cheaper than `libm::tanhf`. The unit test `fast_tanh_f32_error`
 /// measures the error on a grid of 2 million points over `[-10, 10]`.
+#[inline]
 pub(crate) fn fast_tanh_f32(x: f32) -> f32 {
     const CLAMP: f32 = 7.905_311;
     const TINY: f32 = 0.0004;

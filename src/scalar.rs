@@ -297,10 +297,13 @@ macro_rules! float_scalar {
                 self / n as $t
             }
 
+            // Inlined so that a caller's loop over many values can vectorise the activation.
+            #[inline]
             fn activate(act: Activation, x: Self) -> Self {
                 activation::float_activate(act, x, $tanh)
             }
 
+            #[inline]
             fn activate_derivative(act: Activation, x: Self) -> Self {
                 activation::float_derivative(act, x, $tanh)
             }

@@ -8,7 +8,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context, Result};
 use clap::{Args, Parser};
 use fixedpc::network::{activities_len, errors_len, inference_memory_bytes, weights_len};
-use fixedpc::{Scalar, I16F16, I4F12};
+use fixedpc::{NumericFormat, Scalar, I16F16, I4F12};
 use serde::Serialize;
 use serde_json::json;
 
@@ -58,10 +58,12 @@ fn train_args(extra: &[&str]) -> TrainArgs {
     TrainDefaults::parse_from(argv).args
 }
 
-/// Host training throughput of one numeric format.
+/// Host training throughput of one numeric format and training path.
 #[derive(Clone, Debug, Serialize)]
 pub(crate) struct Throughput {
     pub(crate) format: &'static str,
+    /// `batched` (matrix-matrix products, `f32` only) or `per sample` (the core's path).
+    pub(crate) path: &'static str,
     pub(crate) seconds_per_epoch: f64,
     pub(crate) samples_per_second: f64,
     pub(crate) test_accuracy: f64,
@@ -133,13 +135,14 @@ fn machine_description() -> String {
 
 fn throughput<S: Scalar + Send + Sync>(
     epochs: usize,
+    per_sample: bool,
     train_set: &Dataset,
     test_set: &Dataset,
 ) -> Result<Throughput> {
     // The settings of the maintainers' JPC timing: tanh 64-64-64-10, batch 32, 20 inference
     // steps, Adam. Its learning rate is not recorded, and the timing does not depend on it.
     let epochs_arg = epochs.to_string();
-    let args = train_args(&[
+    let mut extra = vec![
         "--act",
         "tanh",
         "--batch",
@@ -152,9 +155,18 @@ fn throughput<S: Scalar + Send + Sync>(
         "0.001",
         "--epochs",
         &epochs_arg,
-    ]);
+    ];
+    if per_sample {
+        extra.push("--per-sample");
+    }
+    let args = train_args(&extra);
     let (spec, config) = args.spec_and_config(train_set)?;
-    eprintln!("timing {} training", S::FORMAT.name());
+    let path = if S::FORMAT == NumericFormat::F32 && !per_sample {
+        "batched"
+    } else {
+        "per sample"
+    };
+    eprintln!("timing {} training ({path})", S::FORMAT.name());
     let trained = train::train::<S>(&spec, &config, train_set, test_set, |_| {})?;
     let timed = if trained.epochs.len() > 1 {
         &trained.epochs[1..]
@@ -164,6 +176,7 @@ fn throughput<S: Scalar + Send + Sync>(
     let seconds = timed.iter().map(|epoch| epoch.seconds).sum::<f64>() / timed.len() as f64;
     Ok(Throughput {
         format: S::FORMAT.name(),
+        path,
         seconds_per_epoch: seconds,
         samples_per_second: train_set.len() as f64 / seconds,
         test_accuracy: trained
@@ -312,10 +325,11 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     ];
 
     let throughputs = vec![
-        throughput::<f32>(args.epochs, &train_set, &test_set)?,
-        throughput::<f64>(args.epochs, &train_set, &test_set)?,
-        throughput::<I16F16>(args.epochs, &train_set, &test_set)?,
-        throughput::<I4F12>(args.epochs, &train_set, &test_set)?,
+        throughput::<f32>(args.epochs, false, &train_set, &test_set)?,
+        throughput::<f32>(args.epochs, true, &train_set, &test_set)?,
+        throughput::<f64>(args.epochs, true, &train_set, &test_set)?,
+        throughput::<I16F16>(args.epochs, true, &train_set, &test_set)?,
+        throughput::<I4F12>(args.epochs, true, &train_set, &test_set)?,
     ];
     let criterion = criterion_results(&args.criterion_dir);
     let machine = machine_description();

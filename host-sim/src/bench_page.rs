@@ -202,27 +202,62 @@ fn memory_section(out: &mut String, memories: &[Memory]) {
     out.push('\n');
 }
 
+/// Seconds per epoch of JPC with the settings of [`host_section`], as the maintainers
+/// measured them (lowest and highest).
+const JPC_SECONDS_PER_EPOCH: (f64, f64) = (0.07, 0.11);
+
+/// Throughput over JPC's that the batched `f32` path is meant to reach.
+const JPC_SPEEDUP_TARGET: f64 = 5.0;
+
 fn host_section(out: &mut String, figures: &Figures<'_>) {
-    out.push_str(
+    let (jpc_low, jpc_high) = JPC_SECONDS_PER_EPOCH;
+    let _ = write!(
+        out,
         "## Host training throughput\n\n\
          `pcsim train` with the settings of the maintainers' JPC timing: tanh 64-64-64-10, \
          batch 32, 20 inference steps, Adam (learning rate 0.001 here), 1000 training rows, \
          so 32 batches per epoch. Seconds per epoch are the mean over the epochs after the \
-         first. For comparison, the maintainers measured 0.07 to 0.11 s per epoch for JPC with \
-         these settings; that script is not in this repository.\n\n",
+         first. For comparison, the maintainers measured {jpc_low} to {jpc_high} s per epoch \
+         for JPC with these settings; that script is not in this repository. The batched \
+         path (the default for f32) holds a batch's activities as matrices and computes each \
+         layer's products for the whole batch with `matrixmultiply`; the per-sample path \
+         (`--per-sample`, and every other format) runs the core one sample at a time, as a \
+         board does.\n\n"
     );
-    out.push_str("| format | seconds per epoch | samples per second | epochs | test accuracy |\n");
-    out.push_str("|---|---|---|---|---|\n");
+    out.push_str(
+        "| format | path | seconds per epoch | samples per second | epochs | test accuracy |\n",
+    );
+    out.push_str("|---|---|---|---|---|---|\n");
     for throughput in figures.throughputs {
         row(
             out,
             &[
                 throughput.format.to_string(),
+                throughput.path.to_string(),
                 format!("{:.3}", throughput.seconds_per_epoch),
                 format!("{:.0}", throughput.samples_per_second),
                 throughput.epochs.to_string(),
                 format!("{:.4}", throughput.test_accuracy),
             ],
+        );
+    }
+    let batched = figures
+        .throughputs
+        .iter()
+        .find(|throughput| throughput.path == "batched");
+    if let Some(batched) = batched {
+        let seconds = batched.seconds_per_epoch;
+        let target = jpc_low / JPC_SPEEDUP_TARGET;
+        let _ = write!(
+            out,
+            "\nThe target for the batched f32 path is {JPC_SPEEDUP_TARGET} times JPC's \
+             throughput: at most {target:.3} s per epoch against JPC's fastest {jpc_low} s \
+             ({:.3} s against its slowest). At {seconds:.3} s per epoch it is {:.1} to {:.1} \
+             times as fast as JPC, so the target is {}.\n",
+            jpc_high / JPC_SPEEDUP_TARGET,
+            jpc_low / seconds,
+            jpc_high / seconds,
+            if seconds <= target { "met" } else { "not met" }
         );
     }
     out.push_str(
@@ -297,4 +332,62 @@ pub(crate) fn render(figures: &Figures<'_>) -> String {
     host_section(&mut out, figures);
     criterion_section(&mut out, figures.criterion);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn throughput(path: &'static str, seconds_per_epoch: f64) -> Throughput {
+        Throughput {
+            format: "f32",
+            path,
+            seconds_per_epoch,
+            samples_per_second: 1000.0 / seconds_per_epoch,
+            test_accuracy: 0.9,
+            epochs: 4,
+        }
+    }
+
+    fn host_page(throughputs: &[Throughput]) -> String {
+        let counts = BoardCounts {
+            regions: Vec::new(),
+            stacks: Vec::new(),
+            overhead: 0,
+            repeatable: true,
+        };
+        let figures = Figures {
+            machine: "test machine",
+            counts: &counts,
+            memories: &[],
+            throughputs,
+            early: &[],
+            criterion: &[],
+        };
+        let mut out = String::new();
+        host_section(&mut out, &figures);
+        out
+    }
+
+    #[test]
+    fn host_section_states_jpc_target_met() {
+        let page = host_page(&[throughput("batched", 0.010), throughput("per sample", 0.09)]);
+        assert!(page.contains("| f32 | batched | 0.010 |"), "{page}");
+        assert!(page.contains("| f32 | per sample | 0.090 |"), "{page}");
+        assert!(page.contains("at most 0.014 s per epoch"), "{page}");
+        assert!(page.contains("7.0 to 11.0 times as fast as JPC"), "{page}");
+        assert!(page.contains("the target is met."), "{page}");
+    }
+
+    #[test]
+    fn host_section_states_jpc_target_missed() {
+        let page = host_page(&[throughput("batched", 0.02)]);
+        assert!(page.contains("the target is not met."), "{page}");
+    }
+
+    #[test]
+    fn host_section_without_batched_row_omits_target() {
+        let page = host_page(&[throughput("per sample", 0.09)]);
+        assert!(!page.contains("The target"), "{page}");
+    }
 }

@@ -173,6 +173,16 @@ pub struct TrainArgs {
     /// Seed of the initial weights and of the shuffling
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Threads that share the samples of each batch; any count gives the same results. The
+    /// batched f32 path uses fewer when a batch has too little work to pay for starting them
+    /// [default: the number of available cores]
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Train f32 one sample at a time with the core's matrix-vector products, the path a
+    /// board runs, instead of batched matrix-matrix products. It is slower and computes the
+    /// same mathematics. Other formats always train one sample at a time
+    #[arg(long)]
+    pub per_sample: bool,
     /// Factor applied to every raw feature [default: 1 / the largest absolute training
     /// feature]
     #[arg(long)]
@@ -305,7 +315,12 @@ impl TrainArgs {
                 )));
             }
         }
-        for (name, value) in [("--batch", self.batch), ("--epochs", self.epochs)] {
+        let counts = [
+            ("--batch", self.batch),
+            ("--epochs", self.epochs),
+            ("--threads", self.threads.unwrap_or(1)),
+        ];
+        for (name, value) in counts {
             if value == 0 {
                 return Err(input_error(format!(
                     "{name} 0 is invalid: it must be at least 1"
@@ -342,7 +357,8 @@ impl TrainArgs {
             learning_rate: self.lr,
             optimizer: self.optimizer,
             seed: self.seed,
-            threads: crate::train::default_threads(),
+            threads: self.threads.unwrap_or_else(crate::train::default_threads),
+            per_sample: self.per_sample,
         };
         Ok((spec, config))
     }

@@ -2,6 +2,7 @@
 //!
 //! The `pcsim` binary is a thin command line over these modules.
 
+pub mod batched;
 pub mod bench;
 mod bench_page;
 pub mod board;

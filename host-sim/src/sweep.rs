@@ -315,6 +315,7 @@ impl Plan {
             optimizer: OptimizerKind::Adam,
             seed: self.seed,
             threads: self.threads_per_run,
+            per_sample: true,
         }
     }
 }

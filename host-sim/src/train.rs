@@ -14,6 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use serde::Serialize;
 
+use crate::batched::BatchedF32;
 use crate::data::Dataset;
 
 /// Weight optimiser.
@@ -138,6 +139,10 @@ pub struct TrainConfig {
     /// count.
     #[serde(skip)]
     pub threads: usize,
+    /// Whether `f32` training runs the core one sample at a time with matrix-vector
+    /// products, as a board does, instead of the batched matrix-matrix products of
+    /// [`crate::batched`]. Other formats always run per sample.
+    pub per_sample: bool,
 }
 
 /// Number of threads [`train`] uses by default: one per available core.
@@ -305,9 +310,14 @@ impl<S: Scalar> Buffers<S> {
 }
 
 /// Trains a network in format `S` and reports each epoch through `progress`.
-// NOTE: each sample runs its own matrix-vector products, so f32 training of the 64-64-64-10
-// digits network takes about 0.09 s per epoch on 2 cores (docs/PERFORMANCE.md), no faster
-// than the 0.07 to 0.11 s measured for JPC. Five times faster needs batched f32 products.
+///
+/// `f32` runs the batched products of [`crate::batched`] unless `config.per_sample` is set.
+/// Every other format, and `f32` with `per_sample`, runs the core one sample at a time.
+// NOTE: with the JPC settings (tanh 64-64-64-10, batch 32, T = 20, Adam, 1000 digits) the
+// batched f32 path took 0.016 to 0.020 s per epoch on one thread of the 2-core AMD EPYC host
+// while other jobs were nearly idle, and the per-sample path 0.095 to 0.10 s in the same runs.
+// That is 3.5 to 6.9 times JPC's 0.07 to 0.11 s, short of five times its fastest (0.014 s).
+// Two threads per batch were slower there (0.020 s), so `useful_threads` keeps one.
 pub fn train<S: Scalar + Send + Sync>(
     spec: &NetworkSpec,
     config: &TrainConfig,
@@ -330,7 +340,7 @@ pub fn train<S: Scalar + Send + Sync>(
     warn_saturated_inputs::<S>(train_saturated + test_saturated, spec.input_scale);
 
     let batch = config.batch.max(1);
-    let mut buffers = Buffers::<S>::new(&arch, batch);
+    let mut engine = gradient_engine::<S>(&arch, spec, config);
     let mut gradients = vec![S::ZERO; weights.len()];
     let mut first = vec![S::Moment::default(); weights.len()];
     let mut second = vec![S::Moment::default(); weights.len()];
@@ -343,7 +353,6 @@ pub fn train<S: Scalar + Send + Sync>(
     let n_in = train_set.feature_count;
     let n_out = train_set.classes;
     let mut epochs = Vec::new();
-    let threads = config.threads.max(1);
 
     for epoch in 1..=config.epochs {
         let started = Instant::now();
@@ -360,30 +369,19 @@ pub fn train<S: Scalar + Send + Sync>(
                 n_in,
                 n_out,
             };
-            let batch_stats = infer_batch(
+            // Adam is invariant to a constant factor per layer, so it steps on the gradients
+            // divided by a_l, which keeps small muPC gradients from rounding to zero.
+            let unscaled = config.optimizer == OptimizerKind::Adam;
+            let batch_stats = engine.gradients(
                 &network,
-                &mut buffers,
                 chunk,
                 &batch_inputs,
                 &inference,
-                threads,
+                unscaled,
+                &mut gradients,
             )?;
             energy_sum += batch_stats.energy;
             stats.merge(&batch_stats);
-            let mut workspace = buffers.workspace(&arch)?;
-            workspace.reset_overflows();
-            // Adam is invariant to a constant factor per layer, so it steps on the gradients
-            // divided by a_l, which keeps small muPC gradients from rounding to zero.
-            match config.optimizer {
-                OptimizerKind::Sgd => {
-                    network.weight_gradients(&mut workspace, chunk.len(), &mut gradients)
-                }
-                OptimizerKind::Adam => {
-                    network.weight_gradients_unscaled(&mut workspace, chunk.len(), &mut gradients)
-                }
-            }
-            .map_err(anyhow::Error::msg)?;
-            stats.add_overflows(workspace.overflows());
             let step_overflows = match config.optimizer {
                 OptimizerKind::Sgd => sgd.step(&mut weights, &gradients),
                 OptimizerKind::Adam => adam.step(&mut weights, &gradients, &mut first, &mut second),
@@ -475,13 +473,19 @@ impl BatchStats {
     /// Adds how many layers, counted from the output, the errors `e_1 .. e_L` of one sample
     /// reach: `L + 1 - l` for the lowest layer `l` with a non-zero error.
     fn add_error_reach<S: Scalar>(&mut self, arch: &Arch<'_>, errors: &[S]) {
-        let depth = arch.depth();
-        let lowest = (1..=depth).find(|&layer| {
+        self.add_error_reach_by_layer(arch.depth(), |layer| {
             let offset = arch.error_offset(layer);
-            errors[offset..offset + arch.width(layer)]
-                .iter()
-                .any(|&error| error != S::ZERO)
+            &errors[offset..offset + arch.width(layer)]
         });
+    }
+
+    /// As [`BatchStats::add_error_reach`], with `errors(l)` returning `e_l`.
+    fn add_error_reach_by_layer<'e, S: Scalar>(
+        &mut self,
+        depth: usize,
+        errors: impl Fn(usize) -> &'e [S],
+    ) {
+        let lowest = (1..=depth).find(|&layer| errors(layer).iter().any(|&error| error != S::ZERO));
         if let Some(layer) = lowest {
             self.error_reach_sum += (depth + 1 - layer) as u64;
         }
@@ -495,9 +499,16 @@ impl BatchStats {
 
     /// Raises the per-layer maxima to the activities `z_0 .. z_L` of one sample.
     fn add_activities<S: Scalar>(&mut self, arch: &Arch<'_>, activities: &[S]) {
-        for (layer, max) in self.max_abs_activity.iter_mut().enumerate() {
+        self.add_activities_by_layer(|layer| {
             let offset = arch.activity_offset(layer);
-            for value in &activities[offset..offset + arch.width(layer)] {
+            &activities[offset..offset + arch.width(layer)]
+        });
+    }
+
+    /// As [`BatchStats::add_activities`], with `activities(l)` returning `z_l`.
+    fn add_activities_by_layer<'z, S: Scalar>(&mut self, activities: impl Fn(usize) -> &'z [S]) {
+        for (layer, max) in self.max_abs_activity.iter_mut().enumerate() {
+            for value in activities(layer) {
                 // A NaN activity counts as infinite.
                 let magnitude = value.to_f64().abs();
                 let magnitude = if magnitude.is_nan() {
@@ -532,6 +543,152 @@ struct BatchInputs<'a, S> {
     targets: &'a [S],
     n_in: usize,
     n_out: usize,
+}
+
+/// Source of a batch's weight gradients: the core one sample at a time, or batched `f32`
+/// products.
+trait GradientEngine<S> {
+    /// Runs supervised inference on the samples `rows` and writes their weight gradients
+    /// into `gradients`, divided by `a_l` when `unscaled`. Returns the sum of final
+    /// energies, the overflows per layer (inference and gradients), the activity ranges and
+    /// the inference steps taken.
+    fn gradients(
+        &mut self,
+        network: &Network<'_, S>,
+        rows: &[usize],
+        data: &BatchInputs<'_, S>,
+        inference: &InferenceConfig<S>,
+        unscaled: bool,
+        gradients: &mut [S],
+    ) -> Result<BatchStats>;
+}
+
+/// Picks batched products for `f32` unless `config.per_sample` is set, else the core.
+fn gradient_engine<S: Scalar + Send + Sync>(
+    arch: &Arch<'_>,
+    spec: &NetworkSpec,
+    config: &TrainConfig,
+) -> Box<dyn GradientEngine<S>> {
+    let batch = config.batch.max(1);
+    if !config.per_sample {
+        let batched: Box<dyn GradientEngine<f32>> = Box::new(BatchedEngine {
+            batched: BatchedF32::new(arch, batch),
+            inputs: Vec::with_capacity(batch * spec.widths[0]),
+            targets: Vec::with_capacity(batch * spec.widths[spec.widths.len() - 1]),
+            threads: config.threads.max(1),
+        });
+        // The downcast succeeds exactly when `S` is `f32`.
+        let any: Box<dyn std::any::Any> = Box::new(batched);
+        if let Ok(engine) = any.downcast::<Box<dyn GradientEngine<S>>>() {
+            return *engine;
+        }
+    }
+    Box::new(PerSampleEngine {
+        buffers: Buffers::new(arch, batch),
+        threads: config.threads.max(1),
+    })
+}
+
+/// The core's per-sample inference and gradients, the path a board runs.
+struct PerSampleEngine<S> {
+    buffers: Buffers<S>,
+    threads: usize,
+}
+
+impl<S: Scalar + Send + Sync> GradientEngine<S> for PerSampleEngine<S> {
+    fn gradients(
+        &mut self,
+        network: &Network<'_, S>,
+        rows: &[usize],
+        data: &BatchInputs<'_, S>,
+        inference: &InferenceConfig<S>,
+        unscaled: bool,
+        gradients: &mut [S],
+    ) -> Result<BatchStats> {
+        let mut stats = infer_batch(
+            network,
+            &mut self.buffers,
+            rows,
+            data,
+            inference,
+            self.threads,
+        )?;
+        let mut workspace = self.buffers.workspace(network.arch())?;
+        workspace.reset_overflows();
+        if unscaled {
+            network.weight_gradients_unscaled(&mut workspace, rows.len(), gradients)
+        } else {
+            network.weight_gradients(&mut workspace, rows.len(), gradients)
+        }
+        .map_err(anyhow::Error::msg)?;
+        stats.add_overflows(workspace.overflows());
+        Ok(stats)
+    }
+}
+
+/// Batched `f32` inference and gradients with matrix-matrix products.
+struct BatchedEngine {
+    batched: BatchedF32,
+    /// Inputs and targets of the batch's samples, one row per sample.
+    inputs: Vec<f32>,
+    targets: Vec<f32>,
+    threads: usize,
+}
+
+impl GradientEngine<f32> for BatchedEngine {
+    fn gradients(
+        &mut self,
+        network: &Network<'_, f32>,
+        rows: &[usize],
+        data: &BatchInputs<'_, f32>,
+        inference: &InferenceConfig<f32>,
+        unscaled: bool,
+        gradients: &mut [f32],
+    ) -> Result<BatchStats> {
+        self.inputs.clear();
+        self.targets.clear();
+        for &row in rows {
+            self.inputs
+                .extend_from_slice(&data.inputs[row * data.n_in..(row + 1) * data.n_in]);
+            self.targets
+                .extend_from_slice(&data.targets[row * data.n_out..(row + 1) * data.n_out]);
+        }
+        let threads = self
+            .threads
+            .min(useful_threads(network.arch(), rows.len(), inference.steps));
+        let batched = &mut self.batched;
+        batched.reset_overflows();
+        batched.infer(network, &self.inputs, &self.targets, inference, threads)?;
+        batched.weight_gradients(network, unscaled, gradients)?;
+
+        let arch = network.arch();
+        let mut stats = BatchStats::new(arch);
+        for sample in 0..rows.len() {
+            let result = batched.sample_stats(sample);
+            stats.energy += result.final_energy.to_f64();
+            stats.steps += u64::from(result.steps_taken);
+            stats.add_activities_by_layer(|layer| batched.activities(layer, sample));
+            stats.add_error_reach_by_layer(arch.depth(), |layer| batched.errors(layer, sample));
+        }
+        stats.add_overflows(batched.overflows());
+        Ok(stats)
+    }
+}
+
+/// Multiply-accumulates of batched inference that one thread should have to do before the
+/// batch is split: about a millisecond of products on one core, so that starting a thread
+/// (tens of microseconds) costs a few percent of that.
+const MIN_PRODUCTS_PER_THREAD: usize = 1 << 24;
+
+/// Returns how many threads the products of one batch keep busy: at most one per
+/// [`MIN_PRODUCTS_PER_THREAD`], counting a prediction and a feedback product per layer and
+/// step (an upper bound, because layers that errors have not reached are skipped).
+fn useful_threads(arch: &Arch<'_>, samples: usize, steps: u32) -> usize {
+    let per_step: usize = (1..=arch.depth())
+        .map(|layer| 2 * arch.width(layer) * arch.width(layer - 1))
+        .sum();
+    let products = per_step * samples * steps.max(1) as usize;
+    (products / MIN_PRODUCTS_PER_THREAD).max(1)
 }
 
 /// Runs supervised inference on `rows`, row `k` in workspace slot `k`, and returns the sum of

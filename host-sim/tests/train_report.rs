@@ -28,6 +28,7 @@ fn mean_steps(tolerance: Option<f64>) -> f64 {
         optimizer: OptimizerKind::Sgd,
         seed: 1,
         threads: 2,
+        per_sample: false,
     };
     let trained = train::train::<I16F16>(&spec(tolerance), &config, &train_set, &test_set, |_| {})
         .expect("training succeeds");

@@ -1,0 +1,1074 @@
+//! Batched `f32` supervised inference and weight gradients, with matrix-matrix products.
+//!
+//! The core computes one sample at a time with matrix-vector products, as a board does. Here
+//! each layer of a batch of `B` samples is a row-major `B x n_l` matrix, one row per sample,
+//! so the predictions `a_l phi(Z_(l-1)) W_l^T`, the feedback `a_(l+1) E_(l+1) W_(l+1)` and the
+//! weight gradients `E_l^T phi(Z_(l-1))` are each one `matrixmultiply::sgemm` call.
+//!
+//! Everything else follows the core's `f32` path sample by sample. That covers the
+//! feedforward start with the target clamped, the per-sample step size and early stop, and the
+//! activation of `<f32 as Scalar>`. It also covers the skipping of a free layer whose own and
+//! next errors are all zero, the energy summed in layer order, and the count of non-finite
+//! results per layer. The results differ from the core's only in the order of the additions
+//! inside the products and in their fused multiply-adds. A sample's rows never mix with
+//! another sample's, so splitting the batch across threads gives the same bits.
+
+use std::ops::Range;
+
+use anyhow::{anyhow, ensure, Result};
+use fixedpc::{Activation, Arch, InferenceConfig, InferenceStats, Network, Scalar};
+
+/// Strided view of a matrix of `f32`.
+#[derive(Clone, Copy)]
+struct Matrix<'a> {
+    data: &'a [f32],
+    rows: usize,
+    columns: usize,
+    row_stride: usize,
+    column_stride: usize,
+}
+
+impl<'a> Matrix<'a> {
+    fn row_major(data: &'a [f32], rows: usize, columns: usize) -> Self {
+        Matrix {
+            data,
+            rows,
+            columns,
+            row_stride: columns,
+            column_stride: 1,
+        }
+    }
+
+    fn transposed(self) -> Self {
+        Matrix {
+            rows: self.columns,
+            columns: self.rows,
+            row_stride: self.column_stride,
+            column_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    /// Panics unless every element of the view lies inside `data`.
+    fn check_bounds(&self) {
+        if self.rows > 0 && self.columns > 0 {
+            let last = (self.rows - 1) * self.row_stride + (self.columns - 1) * self.column_stride;
+            assert!(
+                last < self.data.len(),
+                "a {}x{} matrix view needs {} values but its buffer has {}",
+                self.rows,
+                self.columns,
+                last + 1,
+                self.data.len()
+            );
+        }
+    }
+}
+
+/// Writes `alpha * a * b` into `out`, a row-major `a.rows x b.columns` matrix.
+///
+/// # Panics
+///
+/// When the inner dimensions differ or a view does not fit its buffer.
+fn matrix_product(alpha: f32, a: Matrix<'_>, b: Matrix<'_>, out: &mut [f32]) {
+    assert_eq!(a.columns, b.rows, "inner dimensions of a matrix product");
+    a.check_bounds();
+    b.check_bounds();
+    let (m, k, n) = (a.rows, a.columns, b.columns);
+    assert!(out.len() >= m * n, "product output too short");
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the checks above keep every element that sgemm reads inside `a.data` and
+    // `b.data`, and every element it writes inside `out`, whose row-major strides (n, 1) give
+    // each element its own address. `out` is a unique borrow, so it overlaps neither input.
+    // With beta 0, sgemm writes `out` without reading it.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.data.as_ptr(),
+            a.row_stride as isize,
+            a.column_stride as isize,
+            b.data.as_ptr(),
+            b.row_stride as isize,
+            b.column_stride as isize,
+            0.0,
+            out.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+}
+
+/// Marks "no layer changed in this step" in [`SampleState::lowest_changed`].
+const NO_LAYER: usize = usize::MAX;
+
+/// Progress of one sample's inference.
+#[derive(Clone, Copy, Debug)]
+struct SampleState {
+    /// Whether the sample still takes steps (its early stop has not triggered).
+    active: bool,
+    steps: u32,
+    initial_energy: f32,
+    energy: f32,
+    /// Energy after the errors were last recomputed.
+    next_energy: f32,
+    /// Lowest layer whose activities changed in the current step, or [`NO_LAYER`].
+    lowest_changed: usize,
+}
+
+impl Default for SampleState {
+    fn default() -> Self {
+        SampleState {
+            active: true,
+            steps: 0,
+            initial_energy: 0.0,
+            energy: 0.0,
+            next_energy: 0.0,
+            lowest_changed: NO_LAYER,
+        }
+    }
+}
+
+/// Counts a non-finite value, as the core's `f32` arithmetic does.
+fn count_non_finite(value: f32, overflows: &mut u32) -> f32 {
+    if !value.is_finite() {
+        *overflows += 1;
+    }
+    value
+}
+
+/// Returns how many values are not finite.
+fn non_finite_count(values: &[f32]) -> u32 {
+    values
+        .iter()
+        .map(|value| u32::from(!value.is_finite()))
+        .sum()
+}
+
+/// Runs `body` with `$act` bound to a constant equal to `activation`, once per activation, so
+/// that the loops in `body` compile without a match per element and can vectorise.
+macro_rules! with_constant_activation {
+    ($activation:expr, $act:ident => $body:expr) => {
+        match $activation {
+            Activation::Linear => {
+                const $act: Activation = Activation::Linear;
+                $body
+            }
+            Activation::Tanh => {
+                const $act: Activation = Activation::Tanh;
+                $body
+            }
+            Activation::HardTanh => {
+                const $act: Activation = Activation::HardTanh;
+                $body
+            }
+            Activation::Relu => {
+                const $act: Activation = Activation::Relu;
+                $body
+            }
+            Activation::LeakyRelu => {
+                const $act: Activation = Activation::LeakyRelu;
+                $body
+            }
+        }
+    };
+}
+
+/// Writes `phi(x)` for every `x` of `input`, with the core's `f32` activation.
+#[inline(always)]
+fn activate_row_portable(activation: Activation, input: &[f32], out: &mut [f32]) {
+    with_constant_activation!(activation, ACT => {
+        for (value, &x) in out.iter_mut().zip(input) {
+            *value = f32::activate(ACT, x);
+        }
+    })
+}
+
+/// Returns `phi'(x)` given `x` and `activated = phi(x)`.
+///
+/// The core's tanh derivative is `1 - tanh(x)^2` with the same tanh as `phi`, so the cached
+/// `phi(x)` gives the same bits without a second tanh. The test
+/// `derivative_from_cache_matches_core` checks that.
+#[inline(always)]
+fn derivative(activation: Activation, x: f32, activated: f32) -> f32 {
+    match activation {
+        Activation::Tanh => 1.0 - activated * activated,
+        _ => f32::activate_derivative(activation, x),
+    }
+}
+
+/// One free layer's rows of one sample during an inference step.
+struct LayerRow<'r> {
+    /// `z_l`, updated in place.
+    activities: &'r mut [f32],
+    /// `phi(z_l)`, updated with the activities.
+    activated: &'r mut [f32],
+    /// `e_l`.
+    own_error: &'r [f32],
+    /// `e_(l+1)`, read only when layer `l + 1` has a skip (and so the same width).
+    next_error: &'r [f32],
+    /// `a_(l+1) W_(l+1)^T e_(l+1)`.
+    feedback: &'r [f32],
+}
+
+/// Takes the step `z <- z - step_size * dE/dz` on one row, with
+/// `dE/dz = e_l - phi'(z) feedback - s_(l+1) e_(l+1)` computed in the core's order, and
+/// recomputes `phi(z)`. Returns whether any activity changed and the number of non-finite
+/// results (feedback, gradient, change and new activity, as the core counts them).
+#[inline(always)]
+fn step_row_portable<const SKIP: bool>(
+    activation: Activation,
+    step_size: f32,
+    row: LayerRow<'_>,
+) -> (bool, u32) {
+    with_constant_activation!(activation, ACT => {
+        let mut changed = false;
+        let mut non_finite = 0u32;
+        let width = row.activities.len();
+        let values = row
+            .activities
+            .iter_mut()
+            .zip(row.activated.iter_mut())
+            .zip(&row.own_error[..width])
+            .zip(&row.feedback[..width]);
+        for (index, (((z, activated), &own_error), &feedback)) in values.enumerate() {
+            let slope = derivative(ACT, *z, *activated);
+            let mut gradient = 0.0 + own_error;
+            gradient += -slope * feedback;
+            if SKIP {
+                gradient -= row.next_error[index];
+            }
+            let change = step_size * gradient;
+            let updated = *z - change;
+            non_finite += u32::from(!feedback.is_finite())
+                + u32::from(!gradient.is_finite())
+                + u32::from(!change.is_finite())
+                + u32::from(!updated.is_finite());
+            changed |= updated != *z;
+            *z = updated;
+            *activated = f32::activate(ACT, updated);
+        }
+        (changed, non_finite)
+    })
+}
+
+/// Writes `e = z - (prediction + s input)` into `error` for one row and returns whether it is
+/// all zero and the number of non-finite results (prediction, sum with the skip, and error,
+/// as the core counts them).
+#[inline(always)]
+fn error_row_portable<const SKIP: bool>(
+    prediction: &[f32],
+    input: &[f32],
+    activities: &[f32],
+    error: &mut [f32],
+) -> (bool, u32) {
+    let mut all_zero = true;
+    let mut non_finite = 0u32;
+    let width = error.len();
+    let values = error
+        .iter_mut()
+        .zip(&prediction[..width])
+        .zip(&activities[..width]);
+    for (index, ((error, &prediction), &z)) in values.enumerate() {
+        let mut mu = prediction;
+        non_finite += u32::from(!mu.is_finite());
+        if SKIP {
+            mu += input[index];
+            non_finite += u32::from(!mu.is_finite());
+        }
+        let difference = z - mu;
+        non_finite += u32::from(!difference.is_finite());
+        *error = difference;
+        all_zero &= difference == 0.0;
+    }
+    (all_zero, non_finite)
+}
+
+/// Copies of the row functions compiled with AVX2, which process 8 values per instruction
+/// where the portable build has SSE2's 4. Without fused multiply-adds the results are the
+/// same bits.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Activation, LayerRow};
+
+    #[target_feature(enable = "avx2")]
+    pub(super) fn activate_row(activation: Activation, input: &[f32], out: &mut [f32]) {
+        super::activate_row_portable(activation, input, out)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) fn step_row<const SKIP: bool>(
+        activation: Activation,
+        step_size: f32,
+        row: LayerRow<'_>,
+    ) -> (bool, u32) {
+        super::step_row_portable::<SKIP>(activation, step_size, row)
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub(super) fn error_row<const SKIP: bool>(
+        prediction: &[f32],
+        input: &[f32],
+        activities: &[f32],
+        error: &mut [f32],
+    ) -> (bool, u32) {
+        super::error_row_portable::<SKIP>(prediction, input, activities, error)
+    }
+}
+
+/// Returns whether the row functions can run their AVX2 copies on this CPU.
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+}
+
+/// Writes `phi(x)` for every `x` of `input`, with the core's `f32` activation.
+fn activate_row(activation: Activation, input: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2, checked at run time.
+        return unsafe { avx2::activate_row(activation, input, out) };
+    }
+    activate_row_portable(activation, input, out)
+}
+
+/// See [`step_row_portable`].
+fn step_row<const SKIP: bool>(
+    activation: Activation,
+    step_size: f32,
+    row: LayerRow<'_>,
+) -> (bool, u32) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2, checked at run time.
+        return unsafe { avx2::step_row::<SKIP>(activation, step_size, row) };
+    }
+    step_row_portable::<SKIP>(activation, step_size, row)
+}
+
+/// See [`error_row_portable`].
+fn error_row<const SKIP: bool>(
+    prediction: &[f32],
+    input: &[f32],
+    activities: &[f32],
+    error: &mut [f32],
+) -> (bool, u32) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU supports AVX2, checked at run time.
+        return unsafe { avx2::error_row::<SKIP>(prediction, input, activities, error) };
+    }
+    error_row_portable::<SKIP>(prediction, input, activities, error)
+}
+
+/// Layer sizes and inference settings shared by the threads of one batch.
+struct Shapes<'a> {
+    network: &'a Network<'a, f32>,
+    /// `W_l^T` of every layer, row-major `[n_(l-1)][n_l]`, one layer after the other.
+    transposed_weights: &'a [f32],
+    widths: &'a [usize],
+    /// Whether layer `l` (index `l`) adds its input unchanged to its prediction.
+    skips: &'a [bool],
+    activation: Activation,
+    config: &'a InferenceConfig<f32>,
+}
+
+impl Shapes<'_> {
+    fn depth(&self) -> usize {
+        self.widths.len() - 1
+    }
+
+    /// `W_layer^T` as an `n_(layer-1) x n_layer` matrix, from a transposed copy: matrixmultiply
+    /// 0.3 packs a right-hand operand whose rows are contiguous by copying whole rows, and a
+    /// transposed view of row-major `W` has strided rows.
+    fn transposed_weights(&self, layer: usize) -> Matrix<'_> {
+        let offset = self.network.arch().weight_offset(layer);
+        let (rows, columns) = (self.widths[layer - 1], self.widths[layer]);
+        Matrix::row_major(
+            &self.transposed_weights[offset..offset + rows * columns],
+            rows,
+            columns,
+        )
+    }
+}
+
+/// The rows of some samples of the batch, in every layer buffer.
+struct Part<'a> {
+    rows: usize,
+    /// `z_l` for `l = 0 ..= L`.
+    activities: Vec<&'a mut [f32]>,
+    /// `phi(z_l)`, kept equal to the activation of `activities`, for `l = 0 ..= L - 1` (the
+    /// identity for `l = 0`).
+    activated: Vec<&'a mut [f32]>,
+    /// `e_l` at index `l`, for `l = 1 ..= L`; index 0 is empty.
+    errors: Vec<&'a mut [f32]>,
+    /// `mu_1`, fixed during inference because `z_0` is clamped.
+    first_prediction: &'a mut [f32],
+    /// Product outputs, `rows x max width`.
+    scratch: &'a mut [f32],
+    /// Whether `e_l` of a sample is all zero, at `sample * (L + 1) + l`.
+    zero_errors: &'a mut [bool],
+    /// `sum_(k <= l) |e_k|^2` of a sample, summed in layer order, at `sample * (L + 1) + l`.
+    energy_prefix: &'a mut [f32],
+    samples: &'a mut [SampleState],
+    /// Non-finite results per layer `1 ..= L` (index `l - 1`).
+    overflows: Vec<u32>,
+}
+
+impl Part<'_> {
+    /// Sets `z_0` to the inputs and every other layer to its prediction, then clamps `z_L` to
+    /// the targets (the core's `feedforward` and `infer_supervised`).
+    fn feedforward(&mut self, shapes: &Shapes<'_>, inputs: &[f32], targets: &[f32]) {
+        let depth = shapes.depth();
+        let rows = self.rows;
+        self.activities[0].copy_from_slice(inputs);
+        self.activated[0].copy_from_slice(inputs);
+        for layer in 1..=depth {
+            let input_width = shapes.widths[layer - 1];
+            let (below, above) = self.activities.split_at_mut(layer);
+            let input = &*below[layer - 1];
+            let out: &mut [f32] = if layer == 1 {
+                &mut *self.first_prediction
+            } else {
+                &mut *above[0]
+            };
+            matrix_product(
+                shapes.network.scaling(layer),
+                Matrix::row_major(self.activated[layer - 1], rows, input_width),
+                shapes.transposed_weights(layer),
+                out,
+            );
+            let overflows = &mut self.overflows[layer - 1];
+            *overflows += non_finite_count(out);
+            if shapes.skips[layer] {
+                for (mu, &x) in out.iter_mut().zip(input.iter()) {
+                    *mu = count_non_finite(*mu + x, overflows);
+                }
+            }
+            if layer == 1 {
+                above[0].copy_from_slice(self.first_prediction);
+            }
+            if layer < depth {
+                activate_row(shapes.activation, above[0], &mut *self.activated[layer]);
+            }
+        }
+        self.activities[depth].copy_from_slice(targets);
+    }
+
+    /// Runs the inference loop of the core's `infer` on every sample of the part.
+    fn infer(&mut self, shapes: &Shapes<'_>) {
+        let depth = shapes.depth();
+        self.energy_prefix.fill(0.0);
+        for sample in self.samples.iter_mut() {
+            *sample = SampleState {
+                lowest_changed: 1,
+                ..SampleState::default()
+            };
+        }
+        self.recompute_errors(shapes);
+        for sample in self.samples.iter_mut() {
+            sample.initial_energy = sample.next_energy;
+            sample.energy = sample.next_energy;
+        }
+
+        for _ in 0..shapes.config.steps {
+            if !self.samples.iter().any(|sample| sample.active) {
+                break;
+            }
+            self.step_free_layers(shapes);
+            self.recompute_errors(shapes);
+            for sample in self.samples.iter_mut().filter(|sample| sample.active) {
+                let next = if sample.lowest_changed <= depth {
+                    sample.next_energy
+                } else {
+                    sample.energy
+                };
+                sample.steps += 1;
+                let change = next - sample.energy;
+                sample.energy = next;
+                if let Some(tolerance) = shapes.config.tolerance {
+                    let magnitude = if change < 0.0 { -change } else { change };
+                    if magnitude <= tolerance {
+                        sample.active = false;
+                    }
+                }
+            }
+        }
+    }
+
+    fn errors_are_zero(&self, sample: usize, layer: usize, depth: usize) -> bool {
+        let base = sample * (depth + 1);
+        self.zero_errors[base + layer] && self.zero_errors[base + layer + 1]
+    }
+
+    /// Takes one gradient step on every free layer of every active sample, and records in
+    /// `lowest_changed` the lowest layer whose activities changed.
+    fn step_free_layers(&mut self, shapes: &Shapes<'_>) {
+        let depth = shapes.depth();
+        let rows = self.rows;
+        let step_size = shapes.config.step_size;
+        for sample in self.samples.iter_mut() {
+            sample.lowest_changed = NO_LAYER;
+        }
+        for layer in 1..depth {
+            // A layer whose own and next errors are all zero has a zero gradient; the core
+            // skips it, so a sample's activities there keep their bits.
+            let updated: Vec<bool> = (0..rows)
+                .map(|sample| {
+                    self.samples[sample].active && !self.errors_are_zero(sample, layer, depth)
+                })
+                .collect();
+            if !updated.contains(&true) {
+                continue;
+            }
+            let width = shapes.widths[layer];
+            let next_width = shapes.widths[layer + 1];
+            let feedback = &mut self.scratch[..rows * width];
+            matrix_product(
+                shapes.network.scaling(layer + 1),
+                Matrix::row_major(self.errors[layer + 1], rows, next_width),
+                Matrix::row_major(shapes.network.layer_weights(layer + 1), next_width, width),
+                feedback,
+            );
+            let skip = shapes.skips[layer + 1];
+            let overflows = &mut self.overflows[layer - 1];
+            for sample in (0..rows).filter(|&sample| updated[sample]) {
+                let span = sample * width..(sample + 1) * width;
+                let next_span = sample * next_width..(sample + 1) * next_width;
+                let row = LayerRow {
+                    activities: &mut self.activities[layer][span.clone()],
+                    activated: &mut self.activated[layer][span.clone()],
+                    own_error: &self.errors[layer][span.clone()],
+                    next_error: &self.errors[layer + 1][next_span],
+                    feedback: &feedback[span],
+                };
+                let (changed, non_finite) = if skip {
+                    step_row::<true>(shapes.activation, step_size, row)
+                } else {
+                    step_row::<false>(shapes.activation, step_size, row)
+                };
+                *overflows += non_finite;
+                let state = &mut self.samples[sample];
+                if changed && state.lowest_changed == NO_LAYER {
+                    state.lowest_changed = layer;
+                }
+            }
+        }
+    }
+
+    /// Recomputes the errors of each active sample from its lowest changed layer up, and
+    /// stores its energy in `next_energy`; the errors of lower layers keep their values.
+    fn recompute_errors(&mut self, shapes: &Shapes<'_>) {
+        let depth = shapes.depth();
+        let rows = self.rows;
+        let recomputed = |state: &SampleState| state.active && state.lowest_changed <= depth;
+        let Some(first) = self
+            .samples
+            .iter()
+            .filter(|state| recomputed(state))
+            .map(|state| state.lowest_changed)
+            .min()
+        else {
+            return;
+        };
+
+        for layer in first..=depth {
+            let width = shapes.widths[layer];
+            let input_width = shapes.widths[layer - 1];
+            let prediction: &[f32] = if layer == 1 {
+                &*self.first_prediction
+            } else {
+                let out = &mut self.scratch[..rows * width];
+                matrix_product(
+                    shapes.network.scaling(layer),
+                    Matrix::row_major(self.activated[layer - 1], rows, input_width),
+                    shapes.transposed_weights(layer),
+                    out,
+                );
+                out
+            };
+            let skip = shapes.skips[layer];
+            let overflows = &mut self.overflows[layer - 1];
+            for sample in 0..rows {
+                let state = &self.samples[sample];
+                if !recomputed(state) || state.lowest_changed > layer {
+                    continue;
+                }
+                let span = sample * width..(sample + 1) * width;
+                let input = &self.activities[layer - 1][sample * input_width..];
+                let z = &self.activities[layer][span.clone()];
+                let error = &mut self.errors[layer][span.clone()];
+                let prediction = &prediction[span];
+                let (all_zero, non_finite) = if skip {
+                    error_row::<true>(prediction, input, z, error)
+                } else {
+                    error_row::<false>(prediction, input, z, error)
+                };
+                *overflows += non_finite;
+                self.zero_errors[sample * (depth + 1) + layer] = all_zero;
+            }
+        }
+        self.sum_energies(shapes, first);
+    }
+
+    /// Sums `1/2 sum_l |e_l|^2` of each sample whose errors were recomputed into
+    /// `next_energy`, element by element in layer order as the core does, continuing from
+    /// the stored sum of the layers below its lowest changed layer.
+    fn sum_energies(&mut self, shapes: &Shapes<'_>, first: usize) {
+        let depth = shapes.depth();
+        let stride = depth + 1;
+        let mut energies: Vec<f32> = vec![0.0; self.rows];
+        let mut members: Vec<usize> = Vec::with_capacity(self.rows);
+        for layer in first..=depth {
+            let width = shapes.widths[layer];
+            members.clear();
+            for (sample, state) in self.samples.iter().enumerate() {
+                if !state.active || state.lowest_changed > layer {
+                    continue;
+                }
+                if state.lowest_changed == layer {
+                    energies[sample] = self.energy_prefix[sample * stride + layer - 1];
+                }
+                members.push(sample);
+            }
+            // Each sample's sum runs in the core's order; summing 8 samples side by side
+            // keeps 8 independent additions in flight.
+            let errors = &self.errors[layer];
+            let mut chunks = members.chunks_exact(8);
+            for chunk in &mut chunks {
+                let rows: [&[f32]; 8] =
+                    std::array::from_fn(|k| &errors[chunk[k] * width..(chunk[k] + 1) * width]);
+                let mut sums: [f32; 8] = std::array::from_fn(|k| energies[chunk[k]]);
+                for unit in 0..width {
+                    for (sum, row) in sums.iter_mut().zip(&rows) {
+                        let difference = row[unit];
+                        *sum += difference * difference;
+                    }
+                }
+                for (&sum, &sample) in sums.iter().zip(chunk) {
+                    energies[sample] = sum;
+                }
+            }
+            for &sample in chunks.remainder() {
+                for &difference in &errors[sample * width..(sample + 1) * width] {
+                    energies[sample] += difference * difference;
+                }
+            }
+            for &sample in &members {
+                self.energy_prefix[sample * stride + layer] = energies[sample];
+            }
+        }
+        for (sample, state) in self.samples.iter_mut().enumerate() {
+            if state.active && state.lowest_changed <= depth {
+                state.next_energy =
+                    count_non_finite(energies[sample] * 0.5, &mut self.overflows[0]);
+            }
+        }
+    }
+}
+
+/// Buffers and results of batched `f32` inference for batches of up to `capacity` samples.
+pub struct BatchedF32 {
+    widths: Vec<usize>,
+    activation: Activation,
+    skips: Vec<bool>,
+    capacity: usize,
+    /// Samples in the last batch.
+    batch: usize,
+    activities: Vec<Vec<f32>>,
+    activated: Vec<Vec<f32>>,
+    errors: Vec<Vec<f32>>,
+    first_prediction: Vec<f32>,
+    transposed_weights: Vec<f32>,
+    scratch: Vec<f32>,
+    zero_errors: Vec<bool>,
+    energy_prefix: Vec<f32>,
+    samples: Vec<SampleState>,
+    overflows: Vec<u32>,
+}
+
+/// Splits the first `rows` rows of a row-major buffer of width `width` into parts of
+/// `per_part` rows.
+fn split_rows<T>(buffer: &mut [T], width: usize, rows: usize, per_part: usize) -> Vec<&mut [T]> {
+    let parts = rows.div_ceil(per_part);
+    if width == 0 {
+        return (0..parts).map(|_| <&mut [T]>::default()).collect();
+    }
+    buffer[..rows * width]
+        .chunks_mut(per_part * width)
+        .collect()
+}
+
+/// Splits each buffer of a list into parts and deals part `i` of every buffer to entry `i`.
+fn split_layers(
+    buffers: &mut [Vec<f32>],
+    widths: impl Fn(usize) -> usize,
+    rows: usize,
+    per_part: usize,
+) -> Vec<Vec<&mut [f32]>> {
+    let mut parts: Vec<Vec<&mut [f32]>> =
+        (0..rows.div_ceil(per_part)).map(|_| Vec::new()).collect();
+    for (layer, buffer) in buffers.iter_mut().enumerate() {
+        for (part, rows) in parts
+            .iter_mut()
+            .zip(split_rows(buffer, widths(layer), rows, per_part))
+        {
+            part.push(rows);
+        }
+    }
+    parts
+}
+
+impl BatchedF32 {
+    /// Allocates buffers for batches of up to `capacity` samples of `arch`.
+    pub fn new(arch: &Arch<'_>, capacity: usize) -> Self {
+        let widths = arch.widths().to_vec();
+        let depth = arch.depth();
+        let capacity = capacity.max(1);
+        let layer_buffers = |first: usize| -> Vec<Vec<f32>> {
+            (0..=depth)
+                .map(|layer| {
+                    let width = if layer < first { 0 } else { widths[layer] };
+                    vec![0.0; capacity * width]
+                })
+                .collect()
+        };
+        BatchedF32 {
+            activation: arch.activation(),
+            skips: (0..=depth).map(|layer| arch.has_skip(layer)).collect(),
+            capacity,
+            batch: 0,
+            activities: layer_buffers(0),
+            activated: layer_buffers(0),
+            errors: layer_buffers(1),
+            first_prediction: vec![0.0; capacity * widths[1]],
+            transposed_weights: vec![0.0; arch.weights_len()],
+            scratch: vec![0.0; capacity * arch.max_width()],
+            zero_errors: vec![false; capacity * (depth + 1)],
+            energy_prefix: vec![0.0; capacity * (depth + 1)],
+            samples: vec![SampleState::default(); capacity],
+            overflows: vec![0; depth],
+            widths,
+        }
+    }
+
+    fn depth(&self) -> usize {
+        self.widths.len() - 1
+    }
+
+    /// Runs the feedforward pass and supervised inference on a batch: row `k` of `inputs`
+    /// (`n_0` values per sample) and of `targets` (`n_L` values per sample) is sample `k`.
+    ///
+    /// The samples are split across up to `threads` threads. The overflow counters add up
+    /// from one call to the next until [`BatchedF32::reset_overflows`].
+    ///
+    /// # Errors
+    ///
+    /// When the network's shapes differ from those of [`BatchedF32::new`], or the inputs and
+    /// targets do not hold the same number of samples, from 1 to the capacity.
+    pub fn infer(
+        &mut self,
+        network: &Network<'_, f32>,
+        inputs: &[f32],
+        targets: &[f32],
+        config: &InferenceConfig<f32>,
+        threads: usize,
+    ) -> Result<()> {
+        let arch = network.arch();
+        ensure!(
+            arch.widths() == self.widths.as_slice()
+                && arch.activation() == self.activation
+                && (0..=self.depth()).all(|layer| arch.has_skip(layer) == self.skips[layer]),
+            "the network's shapes differ from those the batch buffers were sized for"
+        );
+        let depth = self.depth();
+        let input_width = self.widths[0];
+        let output_width = self.widths[depth];
+        let batch = inputs.len() / input_width;
+        ensure!(
+            batch >= 1
+                && batch <= self.capacity
+                && inputs.len() == batch * input_width
+                && targets.len() == batch * output_width,
+            "a batch needs 1 to {} samples of {input_width} inputs and {output_width} targets, \
+             got {} inputs and {} targets",
+            self.capacity,
+            inputs.len(),
+            targets.len()
+        );
+        self.batch = batch;
+        for layer in 1..=depth {
+            let offset = arch.weight_offset(layer);
+            let (rows, columns) = (self.widths[layer], self.widths[layer - 1]);
+            let transposed = &mut self.transposed_weights[offset..offset + rows * columns];
+            for (i, row) in network
+                .layer_weights(layer)
+                .chunks_exact(columns)
+                .enumerate()
+            {
+                for (j, &weight) in row.iter().enumerate() {
+                    transposed[j * rows + i] = weight;
+                }
+            }
+        }
+        let per_part = batch.div_ceil(threads.clamp(1, batch));
+        let shapes = Shapes {
+            network,
+            transposed_weights: &self.transposed_weights,
+            widths: &self.widths,
+            skips: &self.skips,
+            activation: self.activation,
+            config,
+        };
+        let widths = &self.widths;
+        let mut activities =
+            split_layers(&mut self.activities, |layer| widths[layer], batch, per_part).into_iter();
+        let mut activated =
+            split_layers(&mut self.activated, |layer| widths[layer], batch, per_part).into_iter();
+        let mut errors = split_layers(
+            &mut self.errors,
+            |layer| if layer == 0 { 0 } else { widths[layer] },
+            batch,
+            per_part,
+        )
+        .into_iter();
+        let mut first_prediction =
+            split_rows(&mut self.first_prediction, widths[1], batch, per_part).into_iter();
+        let mut scratch =
+            split_rows(&mut self.scratch, max_width(widths), batch, per_part).into_iter();
+        let mut zero_errors =
+            split_rows(&mut self.zero_errors, depth + 1, batch, per_part).into_iter();
+        let mut energy_prefix =
+            split_rows(&mut self.energy_prefix, depth + 1, batch, per_part).into_iter();
+        let mut samples = split_rows(&mut self.samples, 1, batch, per_part).into_iter();
+        let ranges: Vec<Range<usize>> = (0..batch.div_ceil(per_part))
+            .map(|part| part * per_part..((part + 1) * per_part).min(batch))
+            .collect();
+        let mut parts = Vec::with_capacity(ranges.len());
+        for range in &ranges {
+            parts.push(Part {
+                rows: range.len(),
+                activities: activities.next().expect("one part per range"),
+                activated: activated.next().expect("one part per range"),
+                errors: errors.next().expect("one part per range"),
+                first_prediction: first_prediction.next().expect("one part per range"),
+                scratch: scratch.next().expect("one part per range"),
+                zero_errors: zero_errors.next().expect("one part per range"),
+                energy_prefix: energy_prefix.next().expect("one part per range"),
+                samples: samples.next().expect("one part per range"),
+                overflows: vec![0; depth],
+            });
+        }
+
+        let run = &|part: &mut Part<'_>, range: &Range<usize>| {
+            let inputs = &inputs[range.start * input_width..range.end * input_width];
+            let targets = &targets[range.start * output_width..range.end * output_width];
+            part.feedforward(&shapes, inputs, targets);
+            part.infer(&shapes);
+        };
+        // The calling thread runs the first part, so one thread fewer is spawned.
+        let (first, others) = parts
+            .split_first_mut()
+            .expect("a batch has one part or more");
+        std::thread::scope(|scope| -> Result<()> {
+            let handles: Vec<_> = others
+                .iter_mut()
+                .zip(&ranges[1..])
+                .map(|(part, range)| scope.spawn(move || run(part, range)))
+                .collect();
+            run(first, &ranges[0]);
+            for handle in handles {
+                handle
+                    .join()
+                    .map_err(|_| anyhow!("an inference thread panicked"))?;
+            }
+            Ok(())
+        })?;
+        for part in &parts {
+            for (total, &count) in self.overflows.iter_mut().zip(&part.overflows) {
+                *total += count;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the weight gradients of the last batch into `gradients` (the layout of the
+    /// weights): `-(a_l / B) sum_b e_l phi(z_(l-1))^T` as the core's `weight_gradients`, or
+    /// with `unscaled` the same divided by `a_l`, as its `weight_gradients_unscaled`.
+    ///
+    /// # Errors
+    ///
+    /// When `gradients` does not have one value per weight, or no batch was inferred.
+    pub fn weight_gradients(
+        &mut self,
+        network: &Network<'_, f32>,
+        unscaled: bool,
+        gradients: &mut [f32],
+    ) -> Result<()> {
+        let arch = network.arch();
+        ensure!(
+            gradients.len() == arch.weights_len() && arch.widths() == self.widths.as_slice(),
+            "the gradients need {} values for this network, got {}",
+            arch.weights_len(),
+            gradients.len()
+        );
+        ensure!(self.batch > 0, "no batch was inferred");
+        let batch = self.batch;
+        for layer in 1..=self.depth() {
+            let width = self.widths[layer];
+            let input_width = self.widths[layer - 1];
+            let scaling = if unscaled {
+                1.0
+            } else {
+                network.scaling(layer)
+            };
+            let coefficient = scaling.div_int(batch as u32).saturating_neg();
+            let out = &mut gradients[arch.weight_offset(layer)..][..width * input_width];
+            matrix_product(
+                coefficient,
+                Matrix::row_major(&self.errors[layer], batch, width).transposed(),
+                Matrix::row_major(&self.activated[layer - 1], batch, input_width),
+                out,
+            );
+            let overflows = &mut self.overflows[layer - 1];
+            for &gradient in out.iter() {
+                count_non_finite(gradient, overflows);
+            }
+        }
+        Ok(())
+    }
+
+    /// Samples in the last batch.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Activities `z_layer` of sample `sample` of the last batch.
+    ///
+    /// # Panics
+    ///
+    /// When `layer` is above the depth or `sample` is outside the last batch.
+    pub fn activities(&self, layer: usize, sample: usize) -> &[f32] {
+        assert!(sample < self.batch, "sample {sample} is outside the batch");
+        let width = self.widths[layer];
+        &self.activities[layer][sample * width..(sample + 1) * width]
+    }
+
+    /// Errors `e_layer` (`layer` from 1) of sample `sample` of the last batch.
+    ///
+    /// # Panics
+    ///
+    /// When `layer` is 0 or above the depth, or `sample` is outside the last batch.
+    pub fn errors(&self, layer: usize, sample: usize) -> &[f32] {
+        assert!(layer >= 1, "errors start at layer 1");
+        assert!(sample < self.batch, "sample {sample} is outside the batch");
+        let width = self.widths[layer];
+        &self.errors[layer][sample * width..(sample + 1) * width]
+    }
+
+    /// Steps and energies of sample `sample` of the last batch, as the core's
+    /// `infer_supervised` returns them.
+    ///
+    /// # Panics
+    ///
+    /// When `sample` is outside the last batch.
+    pub fn sample_stats(&self, sample: usize) -> InferenceStats<f32> {
+        assert!(sample < self.batch, "sample {sample} is outside the batch");
+        let state = &self.samples[sample];
+        InferenceStats {
+            steps_taken: state.steps,
+            initial_energy: state.initial_energy,
+            final_energy: state.energy,
+        }
+    }
+
+    /// Non-finite results per layer `1 ..= L` (index `l - 1`) since the last reset.
+    pub fn overflows(&self) -> &[u32] {
+        &self.overflows
+    }
+
+    /// Sets every overflow counter to zero.
+    pub fn reset_overflows(&mut self) {
+        self.overflows.fill(0);
+    }
+}
+
+fn max_width(widths: &[usize]) -> usize {
+    widths.iter().copied().max().unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derivative_from_cache_matches_core() {
+        for activation in Activation::ALL {
+            for step in -4000..=4000 {
+                let x = step as f32 * 0.0025;
+                let activated = f32::activate(activation, x);
+                let expected = f32::activate_derivative(activation, x);
+                let actual = derivative(activation, x, activated);
+                assert_eq!(
+                    actual.to_bits(),
+                    expected.to_bits(),
+                    "{} at {x}",
+                    activation.name()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn matrix_product_matches_loops() {
+        let a: Vec<f32> = (0..6).map(|i| i as f32 - 2.0).collect();
+        let b: Vec<f32> = (0..12).map(|i| 0.5 * i as f32).collect();
+        // a is 2x3, b is 3x4.
+        let mut out = vec![0.0; 8];
+        matrix_product(
+            2.0,
+            Matrix::row_major(&a, 2, 3),
+            Matrix::row_major(&b, 3, 4),
+            &mut out,
+        );
+        for i in 0..2 {
+            for j in 0..4 {
+                let expected: f32 = 2.0 * (0..3).map(|k| a[i * 3 + k] * b[k * 4 + j]).sum::<f32>();
+                assert_eq!(out[i * 4 + j], expected, "element ({i}, {j})");
+            }
+        }
+    }
+
+    #[test]
+    fn matrix_product_of_transposed_view() {
+        // a is 3x2 stored row-major; its transpose is 2x3.
+        let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let b = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0];
+        let mut out = vec![0.0; 4];
+        matrix_product(
+            1.0,
+            Matrix::row_major(&a, 3, 2).transposed(),
+            Matrix::row_major(&b, 3, 2),
+            &mut out,
+        );
+        assert_eq!(out, [1.0 + 5.0, 3.0 + 5.0, 2.0 + 6.0, 4.0 + 6.0]);
+    }
+
+    #[test]
+    #[should_panic(expected = "matrix view needs")]
+    fn matrix_product_rejects_short_buffer() {
+        let a = [1.0; 5];
+        let b = [1.0; 6];
+        let mut out = vec![0.0; 4];
+        matrix_product(
+            1.0,
+            Matrix::row_major(&a, 2, 3),
+            Matrix::row_major(&b, 3, 2),
+            &mut out,
+        );
+    }
+}
