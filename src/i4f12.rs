@@ -14,7 +14,7 @@ use fixed::types::{I16F16, I4F12};
 
 use crate::activation::{self, Activation};
 use crate::kernels;
-use crate::scalar::{AdamCoefficients, NumericFormat, Scalar};
+use crate::scalar::{outer_product_row_generic, AdamCoefficients, NumericFormat, Scalar};
 
 /// Fraction bits of `I4F12`.
 const FRAC: u32 = 12;
@@ -33,14 +33,32 @@ fn round_shift(wide: i64, shift: u32, overflows: &mut u32) -> i16 {
 
 /// Saturates to the `i16` range, counting an overflow when it clamps.
 fn saturate(wide: i64, overflows: &mut u32) -> i16 {
-    if wide > i16::MAX as i64 {
-        *overflows += 1;
-        i16::MAX
-    } else if wide < i16::MIN as i64 {
-        *overflows += 1;
-        i16::MIN
-    } else {
-        wide as i16
+    // One test for the common in-range case, which compiles to a sign-extension compare.
+    match i16::try_from(wide) {
+        Ok(value) => value,
+        Err(_) => {
+            *overflows += 1;
+            if wide > 0 {
+                i16::MAX
+            } else {
+                i16::MIN
+            }
+        }
+    }
+}
+
+/// Saturates an `i32` to the `i16` range as [`saturate`] does, in 32-bit arithmetic.
+fn saturate_i32(value: i32, overflows: &mut u32) -> i16 {
+    match i16::try_from(value) {
+        Ok(narrow) => narrow,
+        Err(_) => {
+            *overflows += 1;
+            if value > 0 {
+                i16::MAX
+            } else {
+                i16::MIN
+            }
+        }
     }
 }
 
@@ -124,6 +142,15 @@ impl Scalar for I4F12 {
             // (acc 2^12 + 2^23) >> 24 equals (acc + 2^11) >> 12.
             return I4F12::from_bits(round_shift(acc, FRAC, overflows));
         }
+        if acc.unsigned_abs() < 1 << 47 {
+            // |scale| <= 2^15 keeps the product and its bias below 2^63, so `i64` arithmetic
+            // gives the bits of the `i128` path below.
+            let wide = acc * scale.to_bits() as i64;
+            return I4F12::from_bits(saturate(
+                (wide + (1 << (2 * FRAC - 1))) >> (2 * FRAC),
+                overflows,
+            ));
+        }
         let wide = acc as i128 * scale.to_bits() as i128;
         let rounded = (wide + (1i128 << (2 * FRAC - 1))) >> (2 * FRAC);
         let clamped = rounded.clamp(i64::MIN as i128, i64::MAX as i128) as i64;
@@ -131,18 +158,21 @@ impl Scalar for I4F12 {
     }
 
     fn saturating_add(self, other: Self, overflows: &mut u32) -> Self {
-        let sum = self.to_bits() as i64 + other.to_bits() as i64;
-        I4F12::from_bits(saturate(sum, overflows))
+        let sum = self.to_bits() as i32 + other.to_bits() as i32;
+        I4F12::from_bits(saturate_i32(sum, overflows))
     }
 
     fn saturating_sub(self, other: Self, overflows: &mut u32) -> Self {
-        let difference = self.to_bits() as i64 - other.to_bits() as i64;
-        I4F12::from_bits(saturate(difference, overflows))
+        let difference = self.to_bits() as i32 - other.to_bits() as i32;
+        I4F12::from_bits(saturate_i32(difference, overflows))
     }
 
     fn saturating_mul(self, other: Self, overflows: &mut u32) -> Self {
-        let product = self.to_bits() as i64 * other.to_bits() as i64;
-        I4F12::from_bits(round_shift(product, FRAC, overflows))
+        // The product of two raw values is at most 2^30 in magnitude, so with the rounding
+        // bias it fits an `i32`, and this equals `round_shift` on the `i64` product.
+        let product = self.to_bits() as i32 * other.to_bits() as i32;
+        let rounded = (product + (1 << (FRAC - 1))) >> FRAC;
+        I4F12::from_bits(saturate_i32(rounded, overflows))
     }
 
     fn saturating_mul_stochastic(self, other: Self, random: u32, overflows: &mut u32) -> Self {
@@ -184,6 +214,16 @@ impl Scalar for I4F12 {
     ) {
         let rows = out.len();
         let matrix = &matrix[..(rows * vector.len()).min(matrix.len())];
+        #[cfg(fixedpc_dsp)]
+        if scale == I4F12::ONE
+            && kernels::matrix_product_q12(
+                bytemuck::cast_slice(matrix),
+                bytemuck::cast_slice(vector),
+                bytemuck::cast_slice_mut(out),
+            )
+        {
+            return;
+        }
         kernels::rows_dot_i16(
             bytemuck::cast_slice(matrix),
             bytemuck::cast_slice(vector),
@@ -198,6 +238,16 @@ impl Scalar for I4F12 {
         out: &mut [Self],
         overflows: &mut u32,
     ) {
+        #[cfg(fixedpc_dsp)]
+        if scale == I4F12::ONE
+            && kernels::transposed_product_q12(
+                bytemuck::cast_slice(matrix),
+                bytemuck::cast_slice(vector),
+                bytemuck::cast_slice_mut(out),
+            )
+        {
+            return;
+        }
         let columns = out.len();
         kernels::columns_dot_i16(
             bytemuck::cast_slice(matrix),
@@ -205,6 +255,31 @@ impl Scalar for I4F12 {
             columns,
             |j, sum| out[j] = Self::acc_scale_round(sum, scale, overflows),
         );
+    }
+
+    fn outer_product_row(
+        column: &[Self],
+        stride: usize,
+        rows: &[Self],
+        batch: usize,
+        scale: Self,
+        out: &mut [Self],
+        overflows: &mut u32,
+    ) {
+        if batch == 1 {
+            // `acc_scale_round(e x, scale)` is `saturate((e x scale + 2^23) >> 24)` for every
+            // scale, scale one included. `e scale` is at most 2^30 in magnitude, so it is
+            // computed once per row, the product with `x` stays below 2^45, and the rounded
+            // value below 2^21 fits an `i32`.
+            let factor = column[0].to_bits() as i32 * scale.to_bits() as i32;
+            for (value, &x) in out.iter_mut().zip(rows) {
+                let wide = factor as i64 * x.to_bits() as i64;
+                let rounded = ((wide + (1 << (2 * FRAC - 1))) >> (2 * FRAC)) as i32;
+                *value = I4F12::from_bits(saturate_i32(rounded, overflows));
+            }
+            return;
+        }
+        outer_product_row_generic(column, stride, rows, batch, scale, out, overflows);
     }
 
     fn adam_update(

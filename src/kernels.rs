@@ -8,7 +8,12 @@
 //! same integer sum, so results are bit-identical across targets; `tests/kernels.rs` and the
 //! self-test of `boards/qemu-m4-bench` compare them.
 //!
-//! This is the only module of the crate with `unsafe` code: the `asm!` blocks.
+//! On the same targets, the submodule `products` computes whole matrix and transposed
+//! products with scale one in one assembly routine each, rounding included. The `Scalar`
+//! implementations try it first and fall back to the functions here.
+//!
+//! This is the only module of the crate with `unsafe` code: the `asm!` blocks here and in
+//! `products`.
 #![allow(unsafe_code)]
 
 /// Returns `sum_k a[k] b[k]` exactly, over the shorter of the two slices.
@@ -50,9 +55,8 @@ pub fn dot_i32_wrapping(a: &[i32], b: &[i32]) -> i64 {
 ///
 /// With the DSP extension, rows go through the assembly loop two at a time, so each load of
 /// the vector serves two rows. That loop takes 16 instructions per 16 products.
-// NOTE: with the per-row call, tail and rounding, a whole 64x64 product measured 1.86
-// instructions per product on Cortex-M4 and 256x256 measured 1.21 (docs/PERFORMANCE.md).
-// Only the inner loop meets one instruction per product.
+/// `I4F12::matrix_product` uses this only for the shapes and scales that the whole-matrix
+/// routine of the `products` module does not handle.
 pub fn rows_dot_i16(matrix: &[i16], vector: &[i16], sink: impl FnMut(usize, i64)) {
     #[cfg(fixedpc_dsp)]
     {
@@ -201,6 +205,13 @@ pub fn dot_i32_wrapping_portable(a: &[i32], b: &[i32]) -> i64 {
 }
 
 #[cfg(fixedpc_dsp)]
+mod products;
+#[cfg(fixedpc_dsp)]
+pub(crate) use products::{
+    matrix_product_q12, matrix_product_q16, transposed_product_q12, transposed_product_q16,
+};
+
+#[cfg(fixedpc_dsp)]
 mod dsp {
     use super::{dot_i16_portable, dot_i32_wrapping_portable};
 
@@ -290,7 +301,7 @@ mod dsp {
         let rows = matrix.len() / columns;
         // Every row starts word-aligned when the matrix does and a row is a whole number of
         // words. Other shapes take the single-row path, which handles alignment.
-        if !(is_word_aligned(matrix) && is_word_aligned(vector) && columns % 2 == 0) {
+        if !(is_word_aligned(matrix) && is_word_aligned(vector) && columns.is_multiple_of(2)) {
             for (i, row) in matrix.chunks_exact(columns).enumerate() {
                 sink(i, dot_i16(row, vector));
             }

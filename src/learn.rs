@@ -86,21 +86,21 @@ impl<S: Scalar> Network<'_, S> {
                 }
             }
 
-            // NOTE: this loop sums and scales in the generic accumulator (`i128` for `I16F16`),
-            // about 50 Cortex-M4 instructions per weight at batch 1; it has no fast path yet.
             let coefficient = coefficient(self, layer);
             let overflows = &mut workspace.overflows[layer - 1];
             let layer_gradients = &mut gradients[self.arch.weight_offset(layer)..];
             for i in 0..width {
                 let row = &mut layer_gradients[i * input_width..(i + 1) * input_width];
-                for (j, gradient) in row.iter_mut().enumerate() {
-                    let mut sum = S::acc_zero();
-                    for sample in 0..batch {
-                        let error = workspace.errors[sample * e_len + e_offset + i];
-                        sum = S::acc_mul_add(sum, error, activated[sample * input_width + j]);
-                    }
-                    *gradient = S::acc_scale_round(sum, coefficient, overflows);
-                }
+                // Sample b's error of neuron i is at `errors[b * e_len + e_offset + i]`.
+                S::outer_product_row(
+                    &workspace.errors[e_offset + i..],
+                    e_len,
+                    activated,
+                    batch,
+                    coefficient,
+                    row,
+                    overflows,
+                );
             }
         }
         Ok(())

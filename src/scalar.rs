@@ -182,6 +182,23 @@ pub trait Scalar: Copy + Default + PartialEq + PartialOrd + Debug + 'static {
         }
     }
 
+    /// Writes `out[j] = scale * sum_b column[b * stride] rows[b * out.len() + j]` for
+    /// `b < batch`, rounded once per output: one row of a scaled sum of `batch` outer products,
+    /// such as the weight gradients of a batch.
+    ///
+    /// Fixed point sums exact products in sample order, as [`outer_product_row_generic`] does.
+    fn outer_product_row(
+        column: &[Self],
+        stride: usize,
+        rows: &[Self],
+        batch: usize,
+        scale: Self,
+        out: &mut [Self],
+        overflows: &mut u32,
+    ) {
+        outer_product_row_generic(column, stride, rows, batch, scale, out, overflows);
+    }
+
     /// Adam state per weight (first and second moments), kept wide enough in fixed point that
     /// squared gradients below one LSB of `Self` do not vanish.
     type Moment: Copy + Default + Debug;
@@ -195,6 +212,34 @@ pub trait Scalar: Copy + Default + PartialEq + PartialOrd + Debug + 'static {
         coefs: &AdamCoefficients,
         overflows: &mut u32,
     );
+}
+
+/// Computes [`Scalar::outer_product_row`] in the format's accumulator [`Scalar::Acc`].
+pub fn outer_product_row_generic<S: Scalar>(
+    column: &[S],
+    stride: usize,
+    rows: &[S],
+    batch: usize,
+    scale: S,
+    out: &mut [S],
+    overflows: &mut u32,
+) {
+    if batch == 1 {
+        let factor = column[0];
+        for (value, &x) in out.iter_mut().zip(rows) {
+            let sum = S::acc_mul_add(S::acc_zero(), factor, x);
+            *value = S::acc_scale_round(sum, scale, overflows);
+        }
+        return;
+    }
+    let width = out.len();
+    for (j, value) in out.iter_mut().enumerate() {
+        let mut sum = S::acc_zero();
+        for sample in 0..batch {
+            sum = S::acc_mul_add(sum, column[sample * stride], rows[sample * width + j]);
+        }
+        *value = S::acc_scale_round(sum, scale, overflows);
+    }
 }
 
 /// Adam's rates for one step, with the bias corrections folded in.
@@ -406,14 +451,17 @@ fn round_shift_i64(wide: i64, shift: u32, overflows: &mut u32) -> i32 {
 }
 
 fn saturate_i64(wide: i64, overflows: &mut u32) -> i32 {
-    if wide > i32::MAX as i64 {
-        *overflows += 1;
-        i32::MAX
-    } else if wide < i32::MIN as i64 {
-        *overflows += 1;
-        i32::MIN
-    } else {
-        wide as i32
+    // One test for the common in-range case, which compiles to a sign-extension compare.
+    match i32::try_from(wide) {
+        Ok(value) => value,
+        Err(_) => {
+            *overflows += 1;
+            if wide > 0 {
+                i32::MAX
+            } else {
+                i32::MIN
+            }
+        }
     }
 }
 
@@ -483,6 +531,9 @@ impl Scalar for I16F16 {
     }
 
     fn acc_scale_round(acc: i128, scale: Self, overflows: &mut u32) -> Self {
+        if let Ok(sum) = i64::try_from(acc) {
+            return I16F16::from_bits(scale_round_split(sum, scale.to_bits(), overflows));
+        }
         match acc.checked_mul(scale.to_bits() as i128) {
             Some(wide) => I16F16::from_bits(round_shift_i128(wide, 2 * FRAC, overflows)),
             None => {
@@ -513,6 +564,16 @@ impl Scalar for I16F16 {
         }
         let rows = out.len();
         let matrix = &matrix[..(rows * vector.len()).min(matrix.len())];
+        #[cfg(fixedpc_dsp)]
+        if scale == I16F16::ONE
+            && kernels::matrix_product_q16(
+                bytemuck::cast_slice(matrix),
+                bytemuck::cast_slice(vector),
+                bytemuck::cast_slice_mut(out),
+            )
+        {
+            return;
+        }
         kernels::rows_dot_i32_wrapping(
             bytemuck::cast_slice(matrix),
             bytemuck::cast_slice(vector),
@@ -529,6 +590,16 @@ impl Scalar for I16F16 {
     ) {
         let columns = out.len();
         if partial_sums_fit_i64(vector) {
+            #[cfg(fixedpc_dsp)]
+            if scale == I16F16::ONE
+                && kernels::transposed_product_q16(
+                    bytemuck::cast_slice(matrix),
+                    bytemuck::cast_slice(vector),
+                    bytemuck::cast_slice_mut(out),
+                )
+            {
+                return;
+            }
             kernels::columns_dot_i32_wrapping(
                 bytemuck::cast_slice(matrix),
                 bytemuck::cast_slice(vector),
@@ -543,6 +614,43 @@ impl Scalar for I16F16 {
                 sum = Self::acc_mul_add(sum, row[j], element);
             }
             *value = Self::acc_scale_round(sum, scale, overflows);
+        }
+    }
+
+    fn outer_product_row(
+        column: &[Self],
+        stride: usize,
+        rows: &[Self],
+        batch: usize,
+        scale: Self,
+        out: &mut [Self],
+        overflows: &mut u32,
+    ) {
+        // The bound of `partial_sums_fit_i64`, on the `batch` values of `column`.
+        let magnitude = (0..batch).fold(0u64, |sum, sample| {
+            sum.saturating_add(column[sample * stride].to_bits().unsigned_abs() as u64)
+        });
+        if magnitude >= 1 << 32 {
+            outer_product_row_generic(column, stride, rows, batch, scale, out, overflows);
+            return;
+        }
+        let scale = scale.to_bits();
+        if batch == 1 {
+            let factor = column[0].to_bits() as i64;
+            for (value, &x) in out.iter_mut().zip(rows) {
+                let sum = factor * x.to_bits() as i64;
+                *value = I16F16::from_bits(scale_round_split(sum, scale, overflows));
+            }
+            return;
+        }
+        let width = out.len();
+        for (j, value) in out.iter_mut().enumerate() {
+            let mut sum = 0i64;
+            for sample in 0..batch {
+                let factor = column[sample * stride].to_bits() as i64;
+                sum += factor * rows[sample * width + j].to_bits() as i64;
+            }
+            *value = I16F16::from_bits(scale_round_split(sum, scale, overflows));
         }
     }
 
@@ -637,10 +745,21 @@ impl Scalar for I16F16 {
 /// exact and equals the `i128` sum bit for bit. The bound admits, for example, 65,535 values
 /// of magnitude 1, so the slower `i128` sum is the exception.
 fn partial_sums_fit_i64(vector: &[I16F16]) -> bool {
-    let magnitude = vector.iter().fold(0u64, |sum, x| {
-        sum.saturating_add(x.to_bits().unsigned_abs() as u64)
-    });
-    magnitude < 1 << 32
+    // `x ^ (x >> 31)` is `|x|` for `x >= 0` and `|x| - 1` below, one instruction on Arm, so
+    // the test uses the upper bound `sum_k (x_k ^ (x_k >> 31)) + len >= sum_k |x_k|`. Each term
+    // is below 2^31, so for fewer than 2^32 values the `u64` sum cannot overflow.
+    let len = vector.len() as u64;
+    if len >= 1 << 32 {
+        return false;
+    }
+    let magnitude: u64 = vector
+        .iter()
+        .map(|x| {
+            let raw = x.to_bits();
+            (raw ^ (raw >> 31)) as u32 as u64
+        })
+        .sum();
+    magnitude + len < 1 << 32
 }
 
 /// Rounds an exact `i64` sum of raw products times `scale` to `I16F16`, with the same result as
@@ -652,6 +771,19 @@ fn scale_round_i64(sum: i64, scale: I16F16, overflows: &mut u32) -> I16F16 {
     } else {
         <I16F16 as Scalar>::acc_scale_round(sum as i128, scale, overflows)
     }
+}
+
+/// Returns `saturate((sum scale + 2^31) >> 32)`, the [`Scalar::acc_scale_round`] of an `i64`
+/// sum of raw products, without `i128` arithmetic.
+///
+/// With `sum = high 2^32 + low` and `low` unsigned, the result is
+/// `high scale + ((low scale + 2^31) >> 32)`: the arithmetic shift rounds down, and
+/// `high scale 2^32` is a whole multiple of `2^32`. Both products are below `2^63` in
+/// magnitude, and so are the biased low product and the final sum.
+fn scale_round_split(sum: i64, scale: i32, overflows: &mut u32) -> i32 {
+    let high = (sum >> 32) * scale as i64;
+    let low = ((sum as u32 as i64) * scale as i64 + (1 << 31)) >> 32;
+    saturate_i64(high + low, overflows)
 }
 
 /// Saturates to the `i32` range, counting an overflow when it clamps.

@@ -5,6 +5,7 @@ use fixedpc::kernels::{
     columns_dot_i16, columns_dot_i32_wrapping, dot_i16, dot_i16_portable, dot_i32_wrapping,
     rows_dot_i16, rows_dot_i32_wrapping,
 };
+use fixedpc::scalar::outer_product_row_generic;
 use fixedpc::{Scalar, I16F16, I4F12};
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -92,6 +93,32 @@ fn check_transposed<S: Scalar>(
 const SEED_LEN: usize = 24 * 40 + 40;
 const VECTOR_START: usize = 24 * 40;
 
+fn check_outer_product_row<S: Scalar>(
+    column: &[S],
+    stride: usize,
+    rows: &[S],
+    batch: usize,
+    width: usize,
+    scale: S,
+) -> Result<(), TestCaseError> {
+    let mut out = vec![S::ZERO; width];
+    let mut expected = vec![S::ZERO; width];
+    let (mut overflows, mut expected_overflows) = (0, 0);
+    S::outer_product_row(column, stride, rows, batch, scale, &mut out, &mut overflows);
+    outer_product_row_generic(
+        column,
+        stride,
+        rows,
+        batch,
+        scale,
+        &mut expected,
+        &mut expected_overflows,
+    );
+    prop_assert_eq!(&out, &expected);
+    prop_assert_eq!(overflows, expected_overflows);
+    Ok(())
+}
+
 fn q16(raw: &[i32]) -> Vec<I16F16> {
     raw.iter().map(|&bits| I16F16::from_bits(bits)).collect()
 }
@@ -143,6 +170,52 @@ proptest! {
         check_format(&matrix, &vector, rows, I4F12::from_bits(scale))?;
         let column_vector = q12(&seed[VECTOR_START..VECTOR_START + rows]);
         check_transposed(&matrix, &column_vector, columns, I4F12::from_bits(scale))?;
+    }
+
+    /// `acc_scale_round` of an `i64` sum, which both formats compute without `i128`, equals
+    /// the rounding of the exact `i128` product.
+    #[test]
+    fn scale_round_matches_i128(
+        // Mostly sums and scales whose rounded product is in range, sometimes any.
+        sum in prop_oneof![1 => any::<i64>(), 4 => -(1i64 << 32)..(1i64 << 32)],
+        wide_scale in prop_oneof![1 => any::<i32>(), 4 => -(1 << 17)..(1 << 17)],
+        short_scale in prop_oneof![1 => any::<i16>(), 4 => -(1i16 << 6)..(1 << 6)],
+    ) {
+        let mut overflows = 0;
+        let rounded = I16F16::acc_scale_round(sum as i128, I16F16::from_bits(wide_scale), &mut overflows);
+        let exact = (sum as i128 * wide_scale as i128 + (1i128 << 31)) >> 32;
+        let expected = exact.clamp(i32::MIN as i128, i32::MAX as i128);
+        prop_assert_eq!(rounded.to_bits() as i128, expected);
+        prop_assert_eq!(overflows, u32::from(expected != exact));
+
+        let mut overflows = 0;
+        let rounded = I4F12::acc_scale_round(sum, I4F12::from_bits(short_scale), &mut overflows);
+        let exact = (sum as i128 * short_scale as i128 + (1i128 << 23)) >> 24;
+        let expected = exact.clamp(i16::MIN as i128, i16::MAX as i128);
+        prop_assert_eq!(rounded.to_bits() as i128, expected);
+        prop_assert_eq!(overflows, u32::from(expected != exact));
+    }
+
+    /// `outer_product_row`, the weight-gradient row with its `i64` and batch-1 paths, equals
+    /// the generic loop in the format's accumulator, outputs and overflow counts.
+    #[test]
+    fn outer_product_row_matches_generic(
+        batch in 1usize..5,
+        width in 1usize..12,
+        stride in 1usize..4,
+        seed in vec(raw_i32(), SEED_LEN),
+        short_seed in vec(any::<i16>(), SEED_LEN),
+        scale in raw_i32(),
+        short_scale in any::<i16>(),
+    ) {
+        let column = q16(&seed[..batch * stride]);
+        let rows = q16(&seed[batch * stride..][..batch * width]);
+        check_outer_product_row(&column, stride, &rows, batch, width, I16F16::from_bits(scale))?;
+        check_outer_product_row(&column, stride, &rows, batch, width, I16F16::ONE)?;
+        let column = q12(&short_seed[..batch * stride]);
+        let rows = q12(&short_seed[batch * stride..][..batch * width]);
+        check_outer_product_row(&column, stride, &rows, batch, width, I4F12::from_bits(short_scale))?;
+        check_outer_product_row(&column, stride, &rows, batch, width, I4F12::ONE)?;
     }
 
     /// The public kernels equal the portable loops and plain sums for any length.
@@ -209,13 +282,14 @@ proptest! {
 
 #[test]
 fn i16f16_fast_path_boundary() {
-    // Sum of |x| just below and at 2^32: the first takes the i64 path, the second the i128
-    // one, and both must equal the exact sum of full-range products.
-    for &magnitude in &[(1i64 << 31) - 1, 1i64 << 31] {
+    // The i64 path needs `sum_k (x_k ^ (x_k >> 31)) + len < 2^32`. That sum is 2^32 - 1 for
+    // the first vector and 2^32 for the second, so the first takes the i64 path and the second
+    // the i128 one, and both must equal the exact sum of full-range products.
+    for last in [i32::MIN + 2, i32::MIN + 1] {
         let vector = [
             I16F16::from_bits(i32::MAX),
-            I16F16::from_bits((magnitude - i32::MAX as i64).max(0) as i32),
-            I16F16::from_bits(i32::MIN),
+            I16F16::ZERO,
+            I16F16::from_bits(last),
         ];
         let matrix = [I16F16::from_bits(i32::MIN); 3];
         let mut out = [I16F16::ZERO; 1];

@@ -307,7 +307,106 @@ fn check_kernels() {
             cases += 2;
         }
     }
+    cases += check_products_per_range::<i16, I4F12>(&mut rng, &[1 << 9, 1 << 12, 1 << 15]);
+    cases += check_products_per_range::<i32, I16F16>(&mut rng, &[1 << 17, 1 << 24, 1 << 31]);
     defmt::info!("kernel self-test passed: {=u32} cases", cases);
+}
+
+/// Values and shapes of the product self-test: up to 10 rows of up to 64 columns.
+const PRODUCT_VALUES: usize = 641;
+const PRODUCT_COLUMNS: [usize; 17] = [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64];
+
+/// Runs [`check_products`] on raw values drawn uniformly below each bound in magnitude:
+/// small bounds exercise the assembly routines, and large ones saturate outputs, which sends
+/// the products to their general path.
+fn check_products_per_range<R, S>(rng: &mut XorShift32, bounds: &[u64]) -> u32
+where
+    R: Pod + TryFrom<i64>,
+    S: Scalar + Pod,
+{
+    let mut cases = 0;
+    for &bound in bounds {
+        let mut matrix = [R::zeroed(); PRODUCT_VALUES];
+        let mut vector = [R::zeroed(); 66];
+        for value in matrix.iter_mut().chain(vector.iter_mut()) {
+            let raw = (rng.next_u32() as u64 % (2 * bound)) as i64 - bound as i64;
+            let Ok(raw) = R::try_from(raw) else {
+                defmt::panic!("raw value out of range");
+            };
+            *value = raw;
+        }
+        let matrix: &[S] = bytemuck::cast_slice(&matrix);
+        let vector: &[S] = bytemuck::cast_slice(&vector);
+        // Offset 1 misaligns 16-bit slices, which the assembly routines hand back.
+        for (matrix_offset, vector_offset) in [(0, 0), (0, 1), (1, 0)] {
+            cases += check_products(&matrix[matrix_offset..], &vector[vector_offset..]);
+        }
+    }
+    cases
+}
+
+/// Compares `S::matrix_product` and `S::transposed_product` with scale one against the sum of
+/// `Scalar::acc_mul_add` and one `Scalar::acc_scale_round` per output, outputs and overflow
+/// counts, on every shape of [`PRODUCT_COLUMNS`] with 1 to 10 rows. Panics on the first
+/// difference.
+fn check_products<S: Scalar>(matrix: &[S], vector: &[S]) -> u32 {
+    let mut out = [S::ZERO; 64];
+    let mut expected = [S::ZERO; 64];
+    let mut cases = 0;
+    for rows in 1..=10 {
+        for columns in PRODUCT_COLUMNS {
+            let matrix = &matrix[..rows * columns];
+            let (mut overflows, mut expected_overflows) = (0, 0);
+            S::matrix_product(
+                matrix,
+                &vector[..columns],
+                S::ONE,
+                &mut out[..rows],
+                &mut overflows,
+            );
+            for (i, value) in expected[..rows].iter_mut().enumerate() {
+                let row = &matrix[i * columns..(i + 1) * columns];
+                let sum = row
+                    .iter()
+                    .zip(vector)
+                    .fold(S::acc_zero(), |sum, (&w, &x)| S::acc_mul_add(sum, w, x));
+                *value = S::acc_scale_round(sum, S::ONE, &mut expected_overflows);
+            }
+            if out[..rows] != expected[..rows] || overflows != expected_overflows {
+                defmt::panic!(
+                    "{=str} matrix_product differs: {=usize}x{=usize}",
+                    S::FORMAT.name(),
+                    rows,
+                    columns
+                );
+            }
+
+            let (mut overflows, mut expected_overflows) = (0, 0);
+            S::transposed_product(
+                matrix,
+                &vector[..rows],
+                S::ONE,
+                &mut out[..columns],
+                &mut overflows,
+            );
+            for (j, value) in expected[..columns].iter_mut().enumerate() {
+                let sum = (0..rows).fold(S::acc_zero(), |sum, i| {
+                    S::acc_mul_add(sum, matrix[i * columns + j], vector[i])
+                });
+                *value = S::acc_scale_round(sum, S::ONE, &mut expected_overflows);
+            }
+            if out[..columns] != expected[..columns] || overflows != expected_overflows {
+                defmt::panic!(
+                    "{=str} transposed_product differs: {=usize}x{=usize}",
+                    S::FORMAT.name(),
+                    rows,
+                    columns
+                );
+            }
+            cases += 2;
+        }
+    }
+    cases
 }
 
 #[entry]

@@ -1,0 +1,582 @@
+//! Matrix and transposed products, each in one assembly routine that also rounds to the output
+//! format, for targets with the DSP extension.
+//!
+//! Each routine computes `saturate((sum + 2^(f-1)) >> f)` per output, with `f` the fraction
+//! bits of the format (12 for `I4F12`, 16 for `I16F16`) and `sum` the exact sum of raw
+//! products. The 64-bit accumulator starts at the rounding bias. Under the bound that each
+//! caller checks, the shifted value fits an `i32`, so one shift and one `ORR` combine the two
+//! words of the accumulator into the result. `SSAT` then saturates to `i16` (`I4F12`),
+//! or tests that the result fits an `i32` (`I16F16`). `SSAT` sets the sticky Q flag when it
+//! clamps, and nothing else in the routines sets it. So each routine clears Q first and returns
+//! `false` when Q is set at the end, and the caller then recomputes the product on its general
+//! path, which counts every saturated output. That path is also taken for shapes the routines
+//! do not handle, for which they return `false` without writing.
+//!
+//! LLVM reserves `r6` and `r7` on Thumb, so they cannot be `asm!` operands. The routines save
+//! both on the stack and use them as scratch, which leaves 14 registers for the loops. Values
+//! that a loop does not need in registers live on the stack, where one `LDM` from `sp` reloads
+//! them at the start of each row or group of columns.
+
+// NOTE: on Cortex-M4 (QEMU mps2-an386, `scripts/bench`), the transposed products measured
+// 1.81 (64x64) and 1.71 (256x256) instructions per multiply-accumulate for `I4F12`, and 2.25
+// and 2.10 for `I16F16`, above the 1.0 and 2.0 that the matrix products meet. A weight word
+// contains two columns of one row, so each 16-bit product needs its own `SMLAL<x><y>` (or half
+// a `PKHBT`/`PKHTB` plus half an `SMLALD`), one instruction per product before any load. The
+// loads, the row step and the loop come on top, and all 14 usable registers are taken.
+use core::arch::asm;
+
+/// The sticky saturation bit (Q) of the APSR.
+const Q_FLAG: u32 = 1 << 27;
+
+fn is_word_aligned<T>(values: &[T]) -> bool {
+    (values.as_ptr() as usize) & 3 == 0
+}
+
+/// Eight columns of one row of the `I4F12` matrix product: `r0` walks the vector, `r1` the
+/// matrix and `r12`, `lr` hold the 64-bit accumulator.
+macro_rules! q12_row_block {
+    () => {
+        concat!(
+            "ldm r0!, {{r4, r5, r6, r7}}\n",
+            "ldm r1!, {{r8, r9, r10, r11}}\n",
+            "smlald r12, lr, r4, r8\n",
+            "smlald r12, lr, r5, r9\n",
+            "smlald r12, lr, r6, r10\n",
+            "smlald r12, lr, r7, r11\n",
+        )
+    };
+}
+
+/// Four columns of one row of the `I16F16` matrix product, with the registers of
+/// [`q12_row_block`].
+macro_rules! q16_row_block {
+    () => {
+        concat!(
+            "ldm r0!, {{r4, r5, r6, r7}}\n",
+            "ldm r1!, {{r8, r9, r10, r11}}\n",
+            "smlal r12, lr, r4, r8\n",
+            "smlal r12, lr, r5, r9\n",
+            "smlal r12, lr, r6, r10\n",
+            "smlal r12, lr, r7, r11\n",
+        )
+    };
+}
+
+/// Runs a matrix product routine: for each output row, `$iterations` passes of `$block` along
+/// the row, then `$finish`, which rounds the accumulator `r12`, `lr` and stores the result
+/// through `r2`. Evaluates to the APSR at the end.
+///
+/// Stack frame after the prologue: the vector pointer, the iteration count, the end of the
+/// output, and the accumulator's start value (the bias, then 0). At the start of each row,
+/// one `LDM` reloads them into `r0`, `r3`, `r4`, `r12` and `lr`. The matrix pointer `r1` runs
+/// on from one row to the next, because the rows are contiguous.
+macro_rules! rows_routine {
+    (
+        bias: $bias:expr,
+        block: $block:expr,
+        finish: $finish:expr,
+        vector: $vector:expr,
+        matrix: $matrix:expr,
+        out: $out:expr,
+        out_end: $out_end:expr,
+        iterations: $iterations:expr $(,)?
+    ) => {{
+        let status: u32;
+        asm!(
+            "push {{r6, r7}}",
+            "movs r6, #0",
+            "msr APSR_nzcvq, r6",
+            "mov r5, #{bias}",
+            "push {{r0, r3, r4, r5, r6}}",
+            "1:",
+            "ldm sp, {{r0, r3, r4, r12, lr}}",
+            "cmp r2, r4",
+            "beq 3f",
+            "2:",
+            $block,
+            "subs r3, r3, #1",
+            "bne 2b",
+            $finish,
+            "b 1b",
+            "3:",
+            "mrs r5, APSR",
+            "add sp, sp, #20",
+            "pop {{r6, r7}}",
+            bias = const $bias,
+            inout("r0") $vector => _,
+            inout("r1") $matrix => _,
+            inout("r2") $out => _,
+            inout("r3") $iterations => _,
+            inout("r4") $out_end => _,
+            out("r5") status,
+            out("r8") _,
+            out("r9") _,
+            out("r10") _,
+            out("r11") _,
+            out("r12") _,
+            out("lr") _,
+        );
+        status
+    }};
+}
+
+/// Rounds the `I4F12` accumulator `r12`, `lr` (bias included) and stores it through `r2`.
+macro_rules! q12_row_finish {
+    () => {
+        concat!(
+            "lsr r12, r12, #12\n",
+            "orr r12, r12, lr, lsl #20\n",
+            "ssat r12, #16, r12\n",
+            "strh r12, [r2], #2\n",
+        )
+    };
+}
+
+/// Rounds the `I16F16` accumulator `r12`, `lr` (bias included) and stores it through `r2`.
+/// The result fits an `i32` exactly when the high word fits 16 bits, which `SSAT` tests.
+macro_rules! q16_row_finish {
+    () => {
+        concat!(
+            "lsr r12, r12, #16\n",
+            "orr r12, r12, lr, lsl #16\n",
+            "ssat lr, #16, lr\n",
+            "str r12, [r2], #4\n",
+        )
+    };
+}
+
+/// Writes `out[i] = saturate((sum_k matrix[i][k] vector[k] + 2^11) >> 12)` for the raw
+/// `I4F12` values of a row-major `matrix` with `vector.len()` columns, which is
+/// `I4F12::matrix_product` with scale one.
+///
+/// Returns `false` when it wrote nothing because the shape is not handled, or when an output
+/// saturated; the caller then recomputes every output. Handled: columns a multiple of 8 and
+/// below `2^13`, at least `out.len()` rows, and `matrix` and `vector` word-aligned.
+pub(crate) fn matrix_product_q12(matrix: &[i16], vector: &[i16], out: &mut [i16]) -> bool {
+    const BLOCK: usize = 8;
+    const UNROLL: usize = 4;
+    let columns = vector.len();
+    let rows = out.len();
+    // Fewer than 2^13 products of magnitude at most 2^30 keep the biased sum below 2^43, so
+    // the sum shifted right by 12 fits an i32.
+    let handled = columns > 0
+        && columns.is_multiple_of(BLOCK)
+        && columns < 1 << 13
+        && rows > 0
+        && matrix.len() / columns >= rows
+        && is_word_aligned(matrix)
+        && is_word_aligned(vector);
+    if !handled {
+        return false;
+    }
+
+    let out_range = out.as_mut_ptr_range();
+    // SAFETY: each row pass reads `columns` values of `vector` and of the current row, from
+    // word-aligned addresses because both slices start aligned (checked above) and a row is a
+    // whole number of words. The rows read are the first `out.len()` rows of `matrix`, all in
+    // bounds. Each row writes one value of `out`, from its start to its end. The routine
+    // restores `sp`, `r6` and `r7`, and writes only the declared registers, the flags, and
+    // its own stack frame.
+    let status = unsafe {
+        if columns.is_multiple_of(BLOCK * UNROLL) {
+            rows_routine!(
+                bias: 1 << 11,
+                block: concat!(
+                    q12_row_block!(),
+                    q12_row_block!(),
+                    q12_row_block!(),
+                    q12_row_block!()
+                ),
+                finish: q12_row_finish!(),
+                vector: vector.as_ptr(),
+                matrix: matrix.as_ptr(),
+                out: out_range.start,
+                out_end: out_range.end,
+                iterations: columns / (BLOCK * UNROLL),
+            )
+        } else {
+            rows_routine!(
+                bias: 1 << 11,
+                block: q12_row_block!(),
+                finish: q12_row_finish!(),
+                vector: vector.as_ptr(),
+                matrix: matrix.as_ptr(),
+                out: out_range.start,
+                out_end: out_range.end,
+                iterations: columns / BLOCK,
+            )
+        }
+    };
+
+    status & Q_FLAG == 0
+}
+
+/// Writes `out[i] = saturate((sum_k matrix[i][k] vector[k] + 2^15) >> 16)` for the raw
+/// `I16F16` values of a row-major `matrix` with `vector.len()` columns, which is
+/// `I16F16::matrix_product` with scale one.
+///
+/// The caller must have checked that every partial sum fits an `i64`
+/// (`partial_sums_fit_i64`), so that the 64-bit accumulator is the exact sum. Returns
+/// `false` as [`matrix_product_q12`] does. Handled: columns a multiple of 4 and at least
+/// `out.len()` rows.
+pub(crate) fn matrix_product_q16(matrix: &[i32], vector: &[i32], out: &mut [i32]) -> bool {
+    const BLOCK: usize = 4;
+    const UNROLL: usize = 4;
+    let columns = vector.len();
+    let rows = out.len();
+    let handled =
+        columns > 0 && columns.is_multiple_of(BLOCK) && rows > 0 && matrix.len() / columns >= rows;
+    if !handled {
+        return false;
+    }
+
+    let out_range = out.as_mut_ptr_range();
+    // SAFETY: as in `matrix_product_q12`; `i32` values are always word-aligned.
+    let status = unsafe {
+        if columns.is_multiple_of(BLOCK * UNROLL) {
+            rows_routine!(
+                bias: 1 << 15,
+                block: concat!(
+                    q16_row_block!(),
+                    q16_row_block!(),
+                    q16_row_block!(),
+                    q16_row_block!()
+                ),
+                finish: q16_row_finish!(),
+                vector: vector.as_ptr(),
+                matrix: matrix.as_ptr(),
+                out: out_range.start,
+                out_end: out_range.end,
+                iterations: columns / (BLOCK * UNROLL),
+            )
+        } else {
+            rows_routine!(
+                bias: 1 << 15,
+                block: q16_row_block!(),
+                finish: q16_row_finish!(),
+                vector: vector.as_ptr(),
+                matrix: matrix.as_ptr(),
+                out: out_range.start,
+                out_end: out_range.end,
+                iterations: columns / BLOCK,
+            )
+        }
+    };
+
+    status & Q_FLAG == 0
+}
+
+/// Two rows of four columns of the `I4F12` transposed product. `r1` walks the vector two
+/// values at a time, and `r0` walks down the columns by the row stride in the low half of
+/// `r2`. `r4` to `r11` are four 64-bit accumulators. `SMLAL<x><y>` multiplies one half of a
+/// weight word by one half of the vector word, so the weights need no repacking.
+macro_rules! q12_column_block {
+    () => {
+        concat!(
+            "ldr r3, [r1], #4\n",
+            "ldrd r12, lr, [r0]\n",
+            "uxtah r0, r0, r2\n",
+            "smlalbb r4, r5, r12, r3\n",
+            "smlaltb r6, r7, r12, r3\n",
+            "smlalbb r8, r9, lr, r3\n",
+            "smlaltb r10, r11, lr, r3\n",
+            "ldrd r12, lr, [r0]\n",
+            "uxtah r0, r0, r2\n",
+            "smlalbt r4, r5, r12, r3\n",
+            "smlaltt r6, r7, r12, r3\n",
+            "smlalbt r8, r9, lr, r3\n",
+            "smlaltt r10, r11, lr, r3\n",
+        )
+    };
+}
+
+/// One row of four columns of the `I16F16` transposed product, with the registers of
+/// [`q12_column_block`].
+macro_rules! q16_column_block {
+    () => {
+        concat!(
+            "ldr r3, [r1], #4\n",
+            "ldrd r12, lr, [r0]\n",
+            "smlal r4, r5, r12, r3\n",
+            "smlal r6, r7, lr, r3\n",
+            "ldrd r12, lr, [r0, #8]\n",
+            "smlal r8, r9, r12, r3\n",
+            "smlal r10, r11, lr, r3\n",
+            "uxtah r0, r0, r2\n",
+        )
+    };
+}
+
+/// Runs a transposed product routine: for each group of four columns, passes of `$block` down
+/// the rows, then `$finish`, which rounds the four accumulators into `r4`, `r6`, `r8` and
+/// `r10` and stores them through `r12`. Evaluates to the APSR at the end.
+///
+/// `$counter` packs the row stride in bytes (low 16 bits) with the number of passes minus one
+/// (high 16 bits). `UXTAH` adds the stride to the matrix pointer and `SUBS` counts the passes
+/// down in the high half, so one register serves both. Stack frame after the prologue: the
+/// matrix pointer of the current group of columns, the vector pointer, the counter, the
+/// accumulators' start values (the bias, then 0, four times), the output pointer and the end
+/// of the output. One `LDM` reloads the first eleven into `r0`, `r1`, `r2` and `r4` to `r11`.
+macro_rules! columns_routine {
+    (
+        bias: $bias:expr,
+        block: $block:expr,
+        finish: $finish:expr,
+        group_bytes: $group_bytes:expr,
+        matrix: $matrix:expr,
+        vector: $vector:expr,
+        counter: $counter:expr,
+        out: $out:expr,
+        out_end: $out_end:expr $(,)?
+    ) => {{
+        let status: u32;
+        asm!(
+            "push {{r6, r7}}",
+            "movs r6, #0",
+            "msr APSR_nzcvq, r6",
+            "mov r5, #{bias}",
+            "push {{r3, r4}}",
+            "push {{r5, r6}}",
+            "push {{r5, r6}}",
+            "push {{r5, r6}}",
+            "push {{r5, r6}}",
+            "push {{r0, r1, r2}}",
+            "1:",
+            "ldm sp, {{r0, r1, r2, r4, r5, r6, r7, r8, r9, r10, r11}}",
+            "2:",
+            $block,
+            "subs r2, r2, #0x10000",
+            "bcs 2b",
+            "ldr r12, [sp, #44]",
+            $finish,
+            "ldr lr, [sp, #48]",
+            "str r12, [sp, #44]",
+            "ldr r0, [sp]",
+            "add r0, r0, #{group_bytes}",
+            "str r0, [sp]",
+            "cmp r12, lr",
+            "bne 1b",
+            "mrs r5, APSR",
+            "add sp, sp, #52",
+            "pop {{r6, r7}}",
+            bias = const $bias,
+            group_bytes = const $group_bytes,
+            inout("r0") $matrix => _,
+            inout("r1") $vector => _,
+            inout("r2") $counter => _,
+            inout("r3") $out => _,
+            inout("r4") $out_end => _,
+            out("r5") status,
+            out("r8") _,
+            out("r9") _,
+            out("r10") _,
+            out("r11") _,
+            out("r12") _,
+            out("lr") _,
+        );
+        status
+    }};
+}
+
+/// Rounds the four `I4F12` accumulators and stores them through `r12`.
+macro_rules! q12_column_finish {
+    () => {
+        concat!(
+            "lsr r4, r4, #12\n",
+            "orr r4, r4, r5, lsl #20\n",
+            "ssat r4, #16, r4\n",
+            "lsr r6, r6, #12\n",
+            "orr r6, r6, r7, lsl #20\n",
+            "ssat r6, #16, r6\n",
+            "lsr r8, r8, #12\n",
+            "orr r8, r8, r9, lsl #20\n",
+            "ssat r8, #16, r8\n",
+            "lsr r10, r10, #12\n",
+            "orr r10, r10, r11, lsl #20\n",
+            "ssat r10, #16, r10\n",
+            "strh r4, [r12], #2\n",
+            "strh r6, [r12], #2\n",
+            "strh r8, [r12], #2\n",
+            "strh r10, [r12], #2\n",
+        )
+    };
+}
+
+/// Rounds the four `I16F16` accumulators, tests that each fits an `i32` as
+/// [`q16_row_finish`] does, and stores them through `r12`.
+macro_rules! q16_column_finish {
+    () => {
+        concat!(
+            "lsr r4, r4, #16\n",
+            "orr r4, r4, r5, lsl #16\n",
+            "ssat r5, #16, r5\n",
+            "lsr r6, r6, #16\n",
+            "orr r6, r6, r7, lsl #16\n",
+            "ssat r7, #16, r7\n",
+            "lsr r8, r8, #16\n",
+            "orr r8, r8, r9, lsl #16\n",
+            "ssat r9, #16, r9\n",
+            "lsr r10, r10, #16\n",
+            "orr r10, r10, r11, lsl #16\n",
+            "ssat r11, #16, r11\n",
+            "stm r12!, {{r4, r6, r8, r10}}\n",
+        )
+    };
+}
+
+/// Returns the `counter` operand of [`columns_routine`], or `None` when the stride or the
+/// number of passes does not fit its 16-bit half.
+fn column_counter(stride_bytes: usize, passes: usize) -> Option<usize> {
+    if stride_bytes < 1 << 16 && (1..=1 << 16).contains(&passes) {
+        Some((passes - 1) << 16 | stride_bytes)
+    } else {
+        None
+    }
+}
+
+/// Writes `out[j] = saturate((sum_i matrix[i][j] vector[i] + 2^11) >> 12)` for the raw
+/// `I4F12` values of a row-major `matrix` with `vector.len()` rows and `out.len()` columns,
+/// which is `I4F12::transposed_product` with scale one.
+///
+/// Returns `false` as [`matrix_product_q12`] does. Handled: columns a multiple of 4, an even
+/// number of rows below `2^13`, at least `vector.len()` rows in `matrix`, and `matrix`
+/// word-aligned.
+pub(crate) fn transposed_product_q12(matrix: &[i16], vector: &[i16], out: &mut [i16]) -> bool {
+    const COLUMNS: usize = 4;
+    let rows = vector.len();
+    let columns = out.len();
+    // Below 2^13 rows the biased sum shifted right by 12 fits an i32, as in
+    // `matrix_product_q12`.
+    let shape = columns > 0
+        && columns.is_multiple_of(COLUMNS)
+        && rows > 0
+        && rows.is_multiple_of(2)
+        && rows < 1 << 13
+        && matrix.len() / columns >= rows
+        && is_word_aligned(matrix);
+    if !shape {
+        return false;
+    }
+
+    const UNROLL: usize = 4;
+    let unrolled = rows.is_multiple_of(2 * UNROLL);
+    let passes = if unrolled {
+        rows / (2 * UNROLL)
+    } else {
+        rows / 2
+    };
+    let Some(counter) = column_counter(columns * 2, passes) else {
+        return false;
+    };
+    let out_range = out.as_mut_ptr_range();
+    // SAFETY: for each group of four columns `j`, the routine reads the two words at
+    // `matrix[i * columns + j]` for every row `i < rows`, which are in bounds. They are
+    // word-aligned, as `LDRD` needs, because `matrix` is and `j` and `columns` are multiples of
+    // 4. It reads the words at `vector[i]` for even `i < rows`. Unaligned `LDR` is allowed on
+    // Armv7-M unless the program sets `CCR.UNALIGN_TRP`, which fixedpc firmware does not. It
+    // writes four values of `out` per group, from its start to its end. The routine restores
+    // `sp`, `r6` and `r7`, and writes only the declared registers, the flags, and its own
+    // stack frame.
+    let status = unsafe {
+        if unrolled {
+            columns_routine!(
+                bias: 1 << 11,
+                block: concat!(
+                    q12_column_block!(),
+                    q12_column_block!(),
+                    q12_column_block!(),
+                    q12_column_block!()
+                ),
+                finish: q12_column_finish!(),
+                group_bytes: 2 * COLUMNS,
+                matrix: matrix.as_ptr(),
+                vector: vector.as_ptr(),
+                counter: counter,
+                out: out_range.start,
+                out_end: out_range.end,
+            )
+        } else {
+            columns_routine!(
+                bias: 1 << 11,
+                block: q12_column_block!(),
+                finish: q12_column_finish!(),
+                group_bytes: 2 * COLUMNS,
+                matrix: matrix.as_ptr(),
+                vector: vector.as_ptr(),
+                counter: counter,
+                out: out_range.start,
+                out_end: out_range.end,
+            )
+        }
+    };
+
+    status & Q_FLAG == 0
+}
+
+/// Writes `out[j] = saturate((sum_i matrix[i][j] vector[i] + 2^15) >> 16)` for the raw
+/// `I16F16` values of a row-major `matrix` with `vector.len()` rows and `out.len()` columns,
+/// which is `I16F16::transposed_product` with scale one.
+///
+/// The caller must have checked the bound of [`matrix_product_q16`]. Returns `false` as
+/// [`matrix_product_q12`] does. Handled: columns a multiple of 4 and at least `vector.len()`
+/// rows in `matrix`.
+pub(crate) fn transposed_product_q16(matrix: &[i32], vector: &[i32], out: &mut [i32]) -> bool {
+    const COLUMNS: usize = 4;
+    const UNROLL: usize = 8;
+    let rows = vector.len();
+    let columns = out.len();
+    let shape = columns > 0
+        && columns.is_multiple_of(COLUMNS)
+        && rows > 0
+        && matrix.len() / columns >= rows;
+    if !shape {
+        return false;
+    }
+
+    let unrolled = rows.is_multiple_of(UNROLL);
+    let passes = if unrolled { rows / UNROLL } else { rows };
+    let Some(counter) = column_counter(columns * 4, passes) else {
+        return false;
+    };
+    let out_range = out.as_mut_ptr_range();
+    // SAFETY: as in `transposed_product_q12`, with one `i32` vector value per row and four
+    // `i32` weights per row and group, read by two `LDRD`s from word-aligned addresses.
+    let status = unsafe {
+        if unrolled {
+            columns_routine!(
+                bias: 1 << 15,
+                block: concat!(
+                    q16_column_block!(),
+                    q16_column_block!(),
+                    q16_column_block!(),
+                    q16_column_block!(),
+                    q16_column_block!(),
+                    q16_column_block!(),
+                    q16_column_block!(),
+                    q16_column_block!()
+                ),
+                finish: q16_column_finish!(),
+                group_bytes: 4 * COLUMNS,
+                matrix: matrix.as_ptr(),
+                vector: vector.as_ptr(),
+                counter: counter,
+                out: out_range.start,
+                out_end: out_range.end,
+            )
+        } else {
+            columns_routine!(
+                bias: 1 << 15,
+                block: q16_column_block!(),
+                finish: q16_column_finish!(),
+                group_bytes: 4 * COLUMNS,
+                matrix: matrix.as_ptr(),
+                vector: vector.as_ptr(),
+                counter: counter,
+                out: out_range.start,
+                out_end: out_range.end,
+            )
+        }
+    };
+
+    status & Q_FLAG == 0
+}
