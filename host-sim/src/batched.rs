@@ -8,9 +8,9 @@
 //! Everything else follows the core's `f32` path sample by sample. That covers the
 //! feedforward start with the target clamped, the per-sample step size and early stop, and the
 //! activation of `<f32 as Scalar>`. It also covers the skipping of a free layer whose own and
-//! next errors are all zero, the energy summed in layer order, and the count of non-finite
-//! results per layer. The results differ from the core's only in the order of the additions
-//! inside the products and in their fused multiply-adds. A sample's rows never mix with
+//! next errors are all zero, and the count of non-finite results per layer. The results
+//! differ from the core's only in the order of the additions inside the products and the
+//! energy sums, and in the products' fused multiply-adds. A sample's rows never mix with
 //! another sample's, so splitting the batch across threads gives the same bits.
 
 use std::ops::Range;
@@ -79,6 +79,26 @@ fn matrix_product(alpha: f32, a: Matrix<'_>, b: Matrix<'_>, out: &mut [f32]) {
     if m == 0 || n == 0 {
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if b.column_stride == 1 && has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA, checked at run time. The checks above keep
+        // every element that the product reads inside `a.data` and `b.data`, and the `m x n`
+        // row-major output inside `out`.
+        unsafe {
+            fma_product::product(
+                m,
+                k,
+                n,
+                alpha,
+                a.data.as_ptr(),
+                (a.row_stride, a.column_stride),
+                b.data.as_ptr(),
+                b.row_stride,
+                out.as_mut_ptr(),
+            );
+        }
+        return;
+    }
     // SAFETY: the checks above keep every element that sgemm reads inside `a.data` and
     // `b.data`, and every element it writes inside `out`, whose row-major strides (n, 1) give
     // each element its own address. `out` is a unique borrow, so it overlaps neither input.
@@ -100,6 +120,168 @@ fn matrix_product(alpha: f32, a: Matrix<'_>, b: Matrix<'_>, out: &mut [f32]) {
             n as isize,
             1,
         );
+    }
+}
+
+/// Returns whether [`fma_product::product`] can run on this CPU.
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// A matrix product with AVX2 and FMA for the small shapes of a batch, where a layer is at
+/// most a few hundred wide and a batch a few dozen samples.
+///
+/// `matrixmultiply::sgemm` copies (packs) both operands into blocks on every call, which for
+/// a `32 x 64` times `64 x 64` product costs about a third as many instructions as the
+/// multiply-adds. Here the right-hand operand is read in place, a row at a time, and each
+/// left-hand element is broadcast from memory, so nothing is copied. Each output tile stays
+/// in 8 registers (4 rows of 16 columns, or 8 rows of 8 columns) while the inner dimension
+/// runs in order, one fused multiply-add per element, and is scaled by `alpha` at the end.
+#[cfg(target_arch = "x86_64")]
+mod fma_product {
+    use std::arch::x86_64::{
+        __m256, __m256i, _mm256_broadcast_ss, _mm256_cmpgt_epi32, _mm256_fmadd_ps, _mm256_loadu_ps,
+        _mm256_maskload_ps, _mm256_maskstore_ps, _mm256_mul_ps, _mm256_set1_epi32, _mm256_set1_ps,
+        _mm256_setr_epi32, _mm256_setzero_ps, _mm256_storeu_ps,
+    };
+
+    /// `f32` lanes of a 256-bit register.
+    const LANES: usize = 8;
+
+    /// Writes `alpha * A B` into `out`, row-major `m x n` with row stride `n`. `A` is
+    /// `m x k` with `(row, column)` strides `a_strides`, and `B` is `k x n` with row stride
+    /// `b_row_stride` and column stride 1.
+    ///
+    /// # Safety
+    ///
+    /// The CPU supports AVX2 and FMA. Every element of `A`, `B` and the output lies inside
+    /// the allocation its pointer points into, and the output overlaps neither input.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn product(
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f32,
+        a: *const f32,
+        a_strides: (usize, usize),
+        b: *const f32,
+        b_row_stride: usize,
+        out: *mut f32,
+    ) {
+        let operands = Operands {
+            m,
+            k,
+            alpha,
+            a,
+            a_strides,
+            b,
+            b_row_stride,
+            out,
+            out_row_stride: n,
+        };
+        let all = _mm256_set1_epi32(-1);
+        let mut column = 0;
+        while column + 2 * LANES <= n {
+            column_block::<4, 2, false>(&operands, column, all);
+            column += 2 * LANES;
+        }
+        if column + LANES <= n {
+            column_block::<8, 1, false>(&operands, column, all);
+            column += LANES;
+        }
+        if column < n {
+            let remaining = (n - column) as i32;
+            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            // A lane takes part when its index is below `remaining` (sign bit set).
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(remaining), lanes);
+            column_block::<8, 1, true>(&operands, column, mask);
+        }
+    }
+
+    /// Pointers and strides of a product.
+    struct Operands {
+        m: usize,
+        k: usize,
+        alpha: f32,
+        a: *const f32,
+        a_strides: (usize, usize),
+        b: *const f32,
+        b_row_stride: usize,
+        out: *mut f32,
+        out_row_stride: usize,
+    }
+
+    /// Computes the `8 V` output columns from `column` on, in tiles of `R` rows and then
+    /// of 1 row.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn column_block<const R: usize, const V: usize, const MASKED: bool>(
+        operands: &Operands,
+        column: usize,
+        mask: __m256i,
+    ) {
+        let mut row = 0;
+        while row + R <= operands.m {
+            tile::<R, V, MASKED>(operands, row, column, mask);
+            row += R;
+        }
+        while row < operands.m {
+            tile::<1, V, MASKED>(operands, row, column, mask);
+            row += 1;
+        }
+    }
+
+    /// Computes the `R x (8 V)` output tile at `(row, column)`. With `MASKED`, only the
+    /// lanes of `mask` are read from `B` and written to the output.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const R: usize, const V: usize, const MASKED: bool>(
+        operands: &Operands,
+        row: usize,
+        column: usize,
+        mask: __m256i,
+    ) {
+        let (a_row_stride, a_column_stride) = operands.a_strides;
+        let a = operands.a.add(row * a_row_stride);
+        let b = operands.b.add(column);
+        let mut sums = [[_mm256_setzero_ps(); V]; R];
+        // Adds the products of inner index `inner` to `sums`.
+        let accumulate = |sums: &mut [[__m256; V]; R], inner: usize| {
+            let b_row = b.add(inner * operands.b_row_stride);
+            let mut b_values = [_mm256_setzero_ps(); V];
+            for (vector, value) in b_values.iter_mut().enumerate() {
+                *value = if MASKED {
+                    _mm256_maskload_ps(b_row.add(vector * LANES), mask)
+                } else {
+                    _mm256_loadu_ps(b_row.add(vector * LANES))
+                };
+            }
+            let a_column = a.add(inner * a_column_stride);
+            for (tile_row, row_sums) in sums.iter_mut().enumerate() {
+                let a_value = _mm256_broadcast_ss(&*a_column.add(tile_row * a_row_stride));
+                for (sum, &b_value) in row_sums.iter_mut().zip(&b_values) {
+                    *sum = _mm256_fmadd_ps(a_value, b_value, *sum);
+                }
+            }
+        };
+        for inner in 0..operands.k {
+            accumulate(&mut sums, inner);
+        }
+        let alpha = _mm256_set1_ps(operands.alpha);
+        for (tile_row, row_sums) in sums.iter().enumerate() {
+            let out_row = operands
+                .out
+                .add((row + tile_row) * operands.out_row_stride + column);
+            for (vector, &sum) in row_sums.iter().enumerate() {
+                let value = _mm256_mul_ps(sum, alpha);
+                if MASKED {
+                    _mm256_maskstore_ps(out_row.add(vector * LANES), mask, value);
+                } else {
+                    _mm256_storeu_ps(out_row.add(vector * LANES), value);
+                }
+            }
+        }
     }
 }
 
@@ -256,16 +438,43 @@ fn step_row_portable<const SKIP: bool>(
     })
 }
 
-/// Writes `e = z - (prediction + s input)` into `error` for one row and returns whether it is
-/// all zero and the number of non-finite results (prediction, sum with the skip, and error,
-/// as the core counts them).
+/// Result of [`error_row`] for one row.
+#[derive(Clone, Copy)]
+struct RowErrors {
+    all_zero: bool,
+    /// Non-finite results: prediction, sum with the skip, and error, as the core counts them.
+    non_finite: u32,
+    /// `|e|^2`, summed as [`sum_of_squares`] does.
+    squares: f32,
+}
+
+/// Returns `sum_i values_i^2`, summed in 8 interleaved partial sums that are then added in
+/// lane order, so that the loop vectorises. The core adds the squares one after the other,
+/// so the result differs from the core's by float reassociation.
+#[inline(always)]
+fn sum_of_squares(values: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let mut chunks = values.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (lane, &value) in lanes.iter_mut().zip(chunk) {
+            *lane += value * value;
+        }
+    }
+    let mut sum = lanes.iter().sum::<f32>();
+    for &value in chunks.remainder() {
+        sum += value * value;
+    }
+    sum
+}
+
+/// Writes `e = z - (prediction + s input)` into `error` for one row.
 #[inline(always)]
 fn error_row_portable<const SKIP: bool>(
     prediction: &[f32],
     input: &[f32],
     activities: &[f32],
     error: &mut [f32],
-) -> (bool, u32) {
+) -> RowErrors {
     let mut all_zero = true;
     let mut non_finite = 0u32;
     let width = error.len();
@@ -285,7 +494,11 @@ fn error_row_portable<const SKIP: bool>(
         *error = difference;
         all_zero &= difference == 0.0;
     }
-    (all_zero, non_finite)
+    RowErrors {
+        all_zero,
+        non_finite,
+        squares: sum_of_squares(error),
+    }
 }
 
 /// Copies of the row functions compiled with AVX2, which process 8 values per instruction
@@ -293,7 +506,7 @@ fn error_row_portable<const SKIP: bool>(
 /// same bits.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Activation, LayerRow};
+    use super::{Activation, LayerRow, RowErrors};
 
     #[target_feature(enable = "avx2")]
     pub(super) fn activate_row(activation: Activation, input: &[f32], out: &mut [f32]) {
@@ -315,7 +528,7 @@ mod avx2 {
         input: &[f32],
         activities: &[f32],
         error: &mut [f32],
-    ) -> (bool, u32) {
+    ) -> RowErrors {
         super::error_row_portable::<SKIP>(prediction, input, activities, error)
     }
 }
@@ -356,7 +569,7 @@ fn error_row<const SKIP: bool>(
     input: &[f32],
     activities: &[f32],
     error: &mut [f32],
-) -> (bool, u32) {
+) -> RowErrors {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU supports AVX2, checked at run time.
@@ -382,9 +595,9 @@ impl Shapes<'_> {
         self.widths.len() - 1
     }
 
-    /// `W_layer^T` as an `n_(layer-1) x n_layer` matrix, from a transposed copy: matrixmultiply
-    /// 0.3 packs a right-hand operand whose rows are contiguous by copying whole rows, and a
-    /// transposed view of row-major `W` has strided rows.
+    /// `W_layer^T` as an `n_(layer-1) x n_layer` matrix, from a transposed copy. The AVX2
+    /// product reads only right-hand operands whose rows are contiguous, and a transposed view
+    /// of row-major `W` has strided rows.
     fn transposed_weights(&self, layer: usize) -> Matrix<'_> {
         let offset = self.network.arch().weight_offset(layer);
         let (rows, columns) = (self.widths[layer - 1], self.widths[layer]);
@@ -412,8 +625,8 @@ struct Part<'a> {
     scratch: &'a mut [f32],
     /// Whether `e_l` of a sample is all zero, at `sample * (L + 1) + l`.
     zero_errors: &'a mut [bool],
-    /// `sum_(k <= l) |e_k|^2` of a sample, summed in layer order, at `sample * (L + 1) + l`.
-    energy_prefix: &'a mut [f32],
+    /// `|e_l|^2` of a sample, at `sample * (L + 1) + l`.
+    squared_errors: &'a mut [f32],
     samples: &'a mut [SampleState],
     /// Non-finite results per layer `1 ..= L` (index `l - 1`).
     overflows: Vec<u32>,
@@ -462,7 +675,7 @@ impl Part<'_> {
     /// Runs the inference loop of the core's `infer` on every sample of the part.
     fn infer(&mut self, shapes: &Shapes<'_>) {
         let depth = shapes.depth();
-        self.energy_prefix.fill(0.0);
+        self.squared_errors.fill(0.0);
         for sample in self.samples.iter_mut() {
             *sample = SampleState {
                 lowest_changed: 1,
@@ -603,69 +816,30 @@ impl Part<'_> {
                 let z = &self.activities[layer][span.clone()];
                 let error = &mut self.errors[layer][span.clone()];
                 let prediction = &prediction[span];
-                let (all_zero, non_finite) = if skip {
+                let result = if skip {
                     error_row::<true>(prediction, input, z, error)
                 } else {
                     error_row::<false>(prediction, input, z, error)
                 };
-                *overflows += non_finite;
-                self.zero_errors[sample * (depth + 1) + layer] = all_zero;
+                *overflows += result.non_finite;
+                self.zero_errors[sample * (depth + 1) + layer] = result.all_zero;
+                self.squared_errors[sample * (depth + 1) + layer] = result.squares;
             }
         }
-        self.sum_energies(shapes, first);
+        self.sum_energies(shapes);
     }
 
-    /// Sums `1/2 sum_l |e_l|^2` of each sample whose errors were recomputed into
-    /// `next_energy`, element by element in layer order as the core does, continuing from
-    /// the stored sum of the layers below its lowest changed layer.
-    fn sum_energies(&mut self, shapes: &Shapes<'_>, first: usize) {
+    /// Stores `1/2 sum_l |e_l|^2`, added in layer order, in `next_energy` of each sample whose
+    /// errors were recomputed. Layers below a sample's lowest changed layer keep their stored
+    /// `|e_l|^2`.
+    fn sum_energies(&mut self, shapes: &Shapes<'_>) {
         let depth = shapes.depth();
         let stride = depth + 1;
-        let mut energies: Vec<f32> = vec![0.0; self.rows];
-        let mut members: Vec<usize> = Vec::with_capacity(self.rows);
-        for layer in first..=depth {
-            let width = shapes.widths[layer];
-            members.clear();
-            for (sample, state) in self.samples.iter().enumerate() {
-                if !state.active || state.lowest_changed > layer {
-                    continue;
-                }
-                if state.lowest_changed == layer {
-                    energies[sample] = self.energy_prefix[sample * stride + layer - 1];
-                }
-                members.push(sample);
-            }
-            // Each sample's sum runs in the core's order; summing 8 samples side by side
-            // keeps 8 independent additions in flight.
-            let errors = &self.errors[layer];
-            let mut chunks = members.chunks_exact(8);
-            for chunk in &mut chunks {
-                let rows: [&[f32]; 8] =
-                    std::array::from_fn(|k| &errors[chunk[k] * width..(chunk[k] + 1) * width]);
-                let mut sums: [f32; 8] = std::array::from_fn(|k| energies[chunk[k]]);
-                for unit in 0..width {
-                    for (sum, row) in sums.iter_mut().zip(&rows) {
-                        let difference = row[unit];
-                        *sum += difference * difference;
-                    }
-                }
-                for (&sum, &sample) in sums.iter().zip(chunk) {
-                    energies[sample] = sum;
-                }
-            }
-            for &sample in chunks.remainder() {
-                for &difference in &errors[sample * width..(sample + 1) * width] {
-                    energies[sample] += difference * difference;
-                }
-            }
-            for &sample in &members {
-                self.energy_prefix[sample * stride + layer] = energies[sample];
-            }
-        }
-        for (sample, state) in self.samples.iter_mut().enumerate() {
+        let squared_errors = self.squared_errors.chunks_exact(stride);
+        for (state, squares) in self.samples.iter_mut().zip(squared_errors) {
             if state.active && state.lowest_changed <= depth {
-                state.next_energy =
-                    count_non_finite(energies[sample] * 0.5, &mut self.overflows[0]);
+                let sum: f32 = squares[1..].iter().sum();
+                state.next_energy = count_non_finite(sum * 0.5, &mut self.overflows[0]);
             }
         }
     }
@@ -686,7 +860,7 @@ pub struct BatchedF32 {
     transposed_weights: Vec<f32>,
     scratch: Vec<f32>,
     zero_errors: Vec<bool>,
-    energy_prefix: Vec<f32>,
+    squared_errors: Vec<f32>,
     samples: Vec<SampleState>,
     overflows: Vec<u32>,
 }
@@ -749,7 +923,7 @@ impl BatchedF32 {
             transposed_weights: vec![0.0; arch.weights_len()],
             scratch: vec![0.0; capacity * arch.max_width()],
             zero_errors: vec![false; capacity * (depth + 1)],
-            energy_prefix: vec![0.0; capacity * (depth + 1)],
+            squared_errors: vec![0.0; capacity * (depth + 1)],
             samples: vec![SampleState::default(); capacity],
             overflows: vec![0; depth],
             widths,
@@ -842,8 +1016,8 @@ impl BatchedF32 {
             split_rows(&mut self.scratch, max_width(widths), batch, per_part).into_iter();
         let mut zero_errors =
             split_rows(&mut self.zero_errors, depth + 1, batch, per_part).into_iter();
-        let mut energy_prefix =
-            split_rows(&mut self.energy_prefix, depth + 1, batch, per_part).into_iter();
+        let mut squared_errors =
+            split_rows(&mut self.squared_errors, depth + 1, batch, per_part).into_iter();
         let mut samples = split_rows(&mut self.samples, 1, batch, per_part).into_iter();
         let ranges: Vec<Range<usize>> = (0..batch.div_ceil(per_part))
             .map(|part| part * per_part..((part + 1) * per_part).min(batch))
@@ -858,7 +1032,7 @@ impl BatchedF32 {
                 first_prediction: first_prediction.next().expect("one part per range"),
                 scratch: scratch.next().expect("one part per range"),
                 zero_errors: zero_errors.next().expect("one part per range"),
-                energy_prefix: energy_prefix.next().expect("one part per range"),
+                squared_errors: squared_errors.next().expect("one part per range"),
                 samples: samples.next().expect("one part per range"),
                 overflows: vec![0; depth],
             });
@@ -1056,6 +1230,80 @@ mod tests {
             &mut out,
         );
         assert_eq!(out, [1.0 + 5.0, 3.0 + 5.0, 2.0 + 6.0, 4.0 + 6.0]);
+    }
+
+    /// Returns `alpha * a * b` computed with loops in `f64`.
+    fn product_by_loops(alpha: f32, a: Matrix<'_>, b: Matrix<'_>) -> Vec<f64> {
+        let element = |m: &Matrix<'_>, row: usize, column: usize| {
+            f64::from(m.data[row * m.row_stride + column * m.column_stride])
+        };
+        let mut out = Vec::new();
+        for row in 0..a.rows {
+            for column in 0..b.columns {
+                let sum: f64 = (0..a.columns)
+                    .map(|inner| element(&a, row, inner) * element(&b, inner, column))
+                    .sum();
+                out.push(f64::from(alpha) * sum);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matrix_product_matches_loops_on_odd_shapes() {
+        // Row counts around the 4-row tiles, and column counts around the 8- and 16-column
+        // tiles, with and without a transposed left-hand operand.
+        for (m, k, n) in [
+            (1, 1, 1),
+            (3, 5, 7),
+            (5, 9, 8),
+            (7, 4, 16),
+            (9, 33, 26),
+            (32, 10, 10),
+        ] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7) % 13) as f32 * 0.25 - 1.5)
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 5) % 11) as f32 * 0.5 - 2.0)
+                .collect();
+            let transposed: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+            for (label, left) in [
+                ("row-major", Matrix::row_major(&a, m, k)),
+                (
+                    "transposed",
+                    Matrix::row_major(&transposed, k, m).transposed(),
+                ),
+            ] {
+                let right = Matrix::row_major(&b, k, n);
+                // One more value than needed, which the product must leave alone.
+                let mut out = vec![f32::NAN; m * n + 1];
+                matrix_product(-0.5, left, right, &mut out);
+                let expected = product_by_loops(-0.5, left, right);
+                for (index, (&actual, &expected)) in out.iter().zip(&expected).enumerate() {
+                    assert!(
+                        (f64::from(actual) - expected).abs() <= 1e-4 * expected.abs().max(1.0),
+                        "{m}x{k}x{n} {label}: element {index} is {actual}, expected {expected}"
+                    );
+                }
+                assert!(
+                    out[m * n].is_nan(),
+                    "{m}x{k}x{n} {label}: wrote past the output"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn matrix_product_of_strided_right_operand() {
+        // A right-hand operand without unit column stride takes matrixmultiply's path.
+        let a = [1.0, 2.0, 3.0, 4.0];
+        let b = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let left = Matrix::row_major(&a, 2, 2);
+        let right = Matrix::row_major(&b, 3, 2).transposed();
+        let mut out = vec![0.0; 6];
+        matrix_product(1.0, left, right, &mut out);
+        assert_eq!(out, [5.0, 11.0, 17.0, 11.0, 25.0, 39.0]);
     }
 
     #[test]
