@@ -24,8 +24,8 @@ use crate::train::{self, Trained};
 #[derive(Args)]
 pub struct BenchArgs {
     /// Training epochs per numeric format for the host throughput (the first epoch is left
-    /// out of the mean when there are several)
-    #[arg(long, default_value_t = 4)]
+    /// out of the median when there are several)
+    #[arg(long, default_value_t = 20)]
     epochs: usize,
     /// Directory for the counting plugin, models and sample files
     #[arg(long, default_value = "target/pcsim-bench", value_name = "DIR")]
@@ -173,7 +173,15 @@ fn throughput<S: Scalar + Send + Sync>(
     } else {
         &trained.epochs[..]
     };
-    let seconds = timed.iter().map(|epoch| epoch.seconds).sum::<f64>() / timed.len() as f64;
+    // The median, because a short epoch (0.02 s) that another process interrupts is an outlier.
+    let mut times: Vec<f64> = timed.iter().map(|epoch| epoch.seconds).collect();
+    times.sort_by(f64::total_cmp);
+    let middle = times.len() / 2;
+    let seconds = if times.len() % 2 == 1 {
+        times[middle]
+    } else {
+        (times[middle - 1] + times[middle]) / 2.0
+    };
     Ok(Throughput {
         format: S::FORMAT.name(),
         path,

@@ -221,11 +221,12 @@ fn host_section(out: &mut String, figures: &Figures<'_>) {
         "## Host training throughput\n\n\
          `pcsim train` with the settings of the maintainers' JPC timing: tanh 64-64-64-10, \
          batch 32, 20 inference steps, Adam (learning rate 0.001 here), 1000 training rows, \
-         so 32 batches per epoch. Seconds per epoch are the mean over the epochs after the \
-         first. For comparison, the maintainers measured {jpc_low} to {jpc_high} s per epoch \
+         so 32 batches per epoch. Seconds per epoch are the median over the epochs after \
+         the first, so that an epoch another process interrupts does not count. For comparison, the maintainers measured {jpc_low} to {jpc_high} s per epoch \
          for JPC with these settings; that script is not in this repository. The batched \
          path (the default for f32) holds a batch's activities as matrices and computes each \
-         layer's products for the whole batch with `matrixmultiply`; the per-sample path \
+         layer's products for the whole batch, with an AVX2 and FMA kernel where the CPU \
+         has both and `matrixmultiply` elsewhere. The per-sample path \
          (`--per-sample`, and every other format) runs the core one sample at a time, as a \
          board does.\n\n"
     );
