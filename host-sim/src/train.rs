@@ -313,14 +313,8 @@ impl<S: Scalar> Buffers<S> {
 ///
 /// `f32` runs the batched products of [`crate::batched`] unless `config.per_sample` is set.
 /// Every other format, and `f32` with `per_sample`, runs the core one sample at a time.
-// NOTE: with the JPC settings (tanh 64-64-64-10, batch 32, T = 20, Adam, 1000 digits) the
-// batched f32 path took 0.016 to 0.020 s per epoch on one thread of the 2-core AMD EPYC host
-// while other jobs were nearly idle, and the per-sample path 0.095 to 0.10 s in the same runs.
-// Since then, products that read the weights in place (no packing) and vectorised energy sums
-// cut the batched path's instructions by 12% (callgrind, 3 epochs). With another training run
-// on the host (load average 2.2), its median epoch fell from 0.025 to 0.021 s. Five times
-// JPC's fastest 0.07 s is 0.014 s, not yet confirmed on an idle host. Two threads per batch
-// were slower (0.020 s), so `useful_threads` keeps one.
+// NOTE: on the JPC settings the batched f32 path took 0.015 s per epoch (median, docs/
+// PERFORMANCE.md), above the 0.014 s that five times JPC's fastest epoch (0.07 s) needs.
 pub fn train<S: Scalar + Send + Sync>(
     spec: &NetworkSpec,
     config: &TrainConfig,
