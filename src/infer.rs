@@ -23,7 +23,7 @@ pub struct InferenceConfig<S> {
     pub step_size: S,
     /// Stop early once one step changes the sample's energy by at most this much.
     pub tolerance: Option<S>,
-    /// How each activity update is rounded to the format (fixed point only).
+    /// Rounding of each activity update to the format (fixed point only).
     pub rounding: ActivityRounding,
 }
 

@@ -537,7 +537,7 @@ mod tests {
     fn i4f12_round_trip_keeps_every_value() {
         const NARROW_LEN: usize = encoded_len(&WIDTHS, NumericFormat::I4F12);
         let arch = Arch::new(&WIDTHS, Activation::Relu, false).unwrap();
-        // (i - 7) / 8 for i below 20, from raw bits: I4F12 holds values below 8 only.
+        // (i - 7) / 8 for i below 20, from raw bits, because I4F12 values stay below 8.
         let weights: [I4F12; 20] = core::array::from_fn(|i| I4F12::from_bits((i as i16 - 7) << 9));
         let inference = InferenceConfig {
             steps: 5,

@@ -728,7 +728,7 @@ impl Part<'_> {
             sample.lowest_changed = NO_LAYER;
         }
         for layer in 1..depth {
-            // A layer whose own and next errors are all zero has a zero gradient; the core
+            // A layer whose own and next errors are all zero has a zero gradient. The core
             // skips it, so a sample's activities there keep their bits.
             let updated: Vec<bool> = (0..rows)
                 .map(|sample| {
@@ -773,8 +773,8 @@ impl Part<'_> {
         }
     }
 
-    /// Recomputes the errors of each active sample from its lowest changed layer up, and
-    /// stores its energy in `next_energy`; the errors of lower layers keep their values.
+    /// Recomputes the errors of each active sample from its lowest changed layer up and
+    /// stores its energy in `next_energy`. The errors of lower layers keep their values.
     fn recompute_errors(&mut self, shapes: &Shapes<'_>) {
         let depth = shapes.depth();
         let rows = self.rows;

@@ -125,10 +125,11 @@ fn board_section(out: &mut String, counts: &BoardCounts) {
     out.push_str(
         "\nOn `thumbv7em` the fixed-point matrix and transposed products with scale one run \
          one inline-assembly routine per product (`src/kernels/products.rs`), which also \
-         rounds and saturates every output. Per multiply-accumulate, the inner loop of the \
-         `I4F12` matrix product takes 0.81 instructions (`LDM` of four words of the vector and \
-         of the row, then four `SMLALD`s, 32 columns per iteration) and that of the `I16F16` \
-         one 1.63 (`LDM` and `SMLAL`, 16 columns per iteration). The transposed products walk \
+         rounds and saturates every output. Counted from the assembly, per \
+         multiply-accumulate, the inner loop of the `I4F12` matrix product takes 0.81 \
+         instructions: `LDM` of four words of the vector and of the row, then four `SMLALD`s, \
+         32 columns per iteration. That of the `I16F16` one takes 1.63 (`LDM` and `SMLAL`, 16 \
+         columns per iteration). The transposed products walk \
          down four columns at a time: 1.69 for `I4F12` (`LDRD`, `UXTAH` to step to the next \
          row, and `SMLAL<x><y>`, eight rows per iteration) and 2.06 for `I16F16` (eight rows). \
          The rest of each figure above is per-row or per-column work: 8 instructions per row \

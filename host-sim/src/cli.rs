@@ -159,9 +159,9 @@ pub struct TrainArgs {
     #[arg(long)]
     pub tolerance: Option<f64>,
     /// Rounding of each activity update (step size times gradient) in fixed point: nearest,
-    /// or stochastic (rounds up with probability equal to the dropped fraction of an LSB, so
-    /// updates below half an LSB survive on average; deterministic, the bits are hashed from
-    /// the state). Float formats ignore it
+    /// or stochastic. Stochastic rounds up with probability equal to the dropped fraction of
+    /// an LSB, so updates below half an LSB survive on average. It is deterministic because
+    /// its random bits are hashed from the network state. Float formats ignore it
     #[arg(long, default_value = "nearest", value_parser = parse_rounding)]
     pub activity_rounding: ActivityRounding,
     /// Learning rate of the weight optimiser

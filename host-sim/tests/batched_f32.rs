@@ -400,10 +400,10 @@ fn digits_spec(
 /// SGD weights may differ by 1e-3 of the learning rate, and 1e-3 of the training's changes
 /// in root mean square. Adam divides each gradient by its running magnitude, so a gradient
 /// that nearly cancels over the batch, whose last digits are rounding noise in either path,
-/// still moves its weight by a good part of the learning rate. Measured: the gradients of
-/// each batch agree to 1e-5 relative except such near-cancelling ones (below 1e-6, up to 2%
-/// apart), and after 4 relu updates one row of 16 weights differed by up to 0.13 of the
-/// learning rate (1.8e-3 of the changes in root mean square). So Adam weights may differ by
+/// still moves its weight by a good part of the learning rate. In a measured run, the
+/// gradients of each batch agreed to 1e-5 relative except such near-cancelling ones (below
+/// 1e-6, up to 2% apart). After 4 relu updates, one row of 16 weights differed by up to 0.13
+/// of the learning rate (1.8e-3 of the changes in root mean square). So Adam weights may differ by
 /// 0.1 of the learning rate per update, and 1e-2 in root mean square.
 fn compare_training_variants(activation: Activation, optimizer: OptimizerKind, learning_rate: f64) {
     let (weight_tolerance, rms_tolerance) = match optimizer {
@@ -462,7 +462,7 @@ fn training_with_early_stop_matches_core() {
 }
 
 #[test]
-fn batched_results_are_the_same_for_any_thread_count() {
+fn thread_count_keeps_results() {
     let spec = spec(
         5,
         Activation::Tanh,
