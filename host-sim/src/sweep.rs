@@ -120,9 +120,11 @@ pub struct SweepArgs {
     /// Runs trained at the same time, each on its own core
     #[arg(long, default_value_t = 2)]
     jobs: usize,
-    /// Seed of the initial weights and of the shuffling
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
+    /// Seeds of the initial weights and of the shuffling, comma-separated. Each muPC network
+    /// is trained once per seed and the accuracy table gives the mean; the SP networks, which
+    /// cost as much and fail from depth 32, are trained with the first seed only
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    seeds: Vec<u64>,
     /// Directory for the models, the JSON results, the table and the plot
     #[arg(long, default_value = "target/deep-sweep", value_name = "DIR")]
     out_dir: PathBuf,
@@ -158,6 +160,7 @@ fn parse_activation(name: &str) -> Result<Activation, String> {
 struct RunSpec {
     family: Family,
     depth: usize,
+    seed: u64,
     #[serde(serialize_with = "serialize_numeric")]
     numeric: Numeric,
     #[serde(serialize_with = "serialize_activation")]
@@ -184,26 +187,42 @@ fn numeric_name(numeric: Numeric) -> &'static str {
 impl RunSpec {
     fn label(&self) -> String {
         format!(
-            "{} {} depth {} {}",
+            "{} {} depth {} {} seed {}",
             self.family.name(),
             self.act.name(),
             self.depth,
-            numeric_name(self.numeric)
+            numeric_name(self.numeric),
+            self.seed
         )
     }
 
-    fn file_stem(&self) -> String {
+    /// Name of the model file; runs with the first seed keep the name without a seed, so
+    /// scripts can find them whatever `--seeds` was.
+    fn file_stem(&self, first_seed: u64) -> String {
         let family = match self.family {
             Family::MupcSkip => "mupc-skip",
             Family::SpSkip => "sp-skip",
             Family::Sp => "sp",
         };
-        format!(
+        let stem = format!(
             "{family}-{}-d{}-{}",
             self.act.name(),
             self.depth,
             numeric_name(self.numeric)
-        )
+        );
+        if self.seed == first_seed {
+            stem
+        } else {
+            format!("{stem}-seed{}", self.seed)
+        }
+    }
+
+    /// Whether `other` is the same network and format, perhaps with another seed.
+    fn same_cell(&self, other: &RunSpec) -> bool {
+        self.family == other.family
+            && self.depth == other.depth
+            && self.numeric == other.numeric
+            && self.act == other.act
     }
 }
 
@@ -272,7 +291,7 @@ struct Plan {
     batch_infer_rate: Option<f64>,
     input_scale: f64,
     rounding: ActivityRounding,
-    seed: u64,
+    seeds: Vec<u64>,
     threads_per_run: usize,
     out_dir: PathBuf,
 }
@@ -313,7 +332,7 @@ impl Plan {
             batch: self.batch,
             learning_rate,
             optimizer: OptimizerKind::Adam,
-            seed: self.seed,
+            seed: run.seed,
             threads: self.threads_per_run,
             per_sample: true,
         }
@@ -357,6 +376,17 @@ fn validate(args: &SweepArgs) -> Result<()> {
                 )));
             }
         }
+    }
+    if let Some((index, seed)) = args
+        .seeds
+        .iter()
+        .enumerate()
+        .find(|&(index, seed)| args.seeds[..index].contains(seed))
+    {
+        return Err(input_error(format!(
+            "--seeds: {seed} appears twice (position {}); give each seed once",
+            index + 1
+        )));
     }
     if let Some(scale) = args.input_scale {
         if !(scale.is_finite() && scale > 0.0) {
@@ -407,6 +437,33 @@ fn first_rows(data: Dataset, rows: Option<usize>) -> Dataset {
     }
 }
 
+/// Every run of the sweep: each muPC network once per seed, each SP network with the first.
+fn run_specs(args: &SweepArgs) -> Vec<RunSpec> {
+    let mut runs = Vec::new();
+    for &act in &args.acts {
+        for &depth in &args.depths {
+            for &family in &args.families {
+                let seeds = match family.parameterisation() {
+                    Parameterisation::MuPc => &args.seeds[..],
+                    Parameterisation::Sp => &args.seeds[..1],
+                };
+                for &numeric in &args.numerics {
+                    for &seed in seeds {
+                        runs.push(RunSpec {
+                            family,
+                            depth,
+                            seed,
+                            numeric,
+                            act,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    runs
+}
+
 /// Runs `pcsim sweep`.
 pub fn run(args: &SweepArgs) -> Result<ExitCode> {
     let args = effective_args(args);
@@ -447,26 +504,12 @@ pub fn run(args: &SweepArgs) -> Result<ExitCode> {
         batch_infer_rate: args.batch_infer_rate,
         input_scale,
         rounding: args.activity_rounding,
-        seed: args.seed,
+        seeds: args.seeds.clone(),
         threads_per_run: (cores / args.jobs).max(1),
         out_dir: args.out_dir.clone(),
     };
 
-    let mut runs = Vec::new();
-    for &act in &args.acts {
-        for &depth in &args.depths {
-            for &family in &args.families {
-                for &numeric in &args.numerics {
-                    runs.push(RunSpec {
-                        family,
-                        depth,
-                        numeric,
-                        act,
-                    });
-                }
-            }
-        }
-    }
+    let mut runs = run_specs(&args);
     // Deepest first, so the long runs start early and the short ones fill the gaps.
     runs.sort_by_key(|run| std::cmp::Reverse(run.depth));
     eprintln!(
@@ -494,7 +537,7 @@ pub fn run(args: &SweepArgs) -> Result<ExitCode> {
     write_file(&args.out_dir.join("deep-sweep.md"), tables.as_bytes())?;
     let json = serde_json::to_string_pretty(&results)?;
     write_file(&args.out_dir.join("deep-sweep.json"), json.as_bytes())?;
-    let points: Vec<plot::Point> = results.iter().map(plot_point).collect();
+    let points: Vec<plot::Point> = cells(&results).iter().map(plot_point).collect();
     plot::accuracy_against_depth(&plot_path, &points, font)?;
     eprintln!("wrote {}", plot_path.display());
     if let Some(doc) = &args.doc {
@@ -513,20 +556,80 @@ pub fn run(args: &SweepArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn plot_point(result: &RunResult) -> plot::Point {
+/// The runs of one network and format, one per seed.
+struct Cell<'a> {
+    runs: Vec<&'a RunResult>,
+}
+
+impl Cell<'_> {
+    fn spec(&self) -> &RunSpec {
+        &self.runs[0].spec
+    }
+
+    /// Mean test accuracy over the seeds; `None` when a run has no accuracy.
+    fn mean_accuracy(&self) -> Option<f64> {
+        let accuracies: Option<Vec<f64>> = self.runs.iter().map(|run| run.test_accuracy).collect();
+        accuracies.map(|values| values.iter().sum::<f64>() / values.len() as f64)
+    }
+
+    fn failed(&self) -> bool {
+        self.runs
+            .iter()
+            .any(|run| !matches!(run.status, Status::Trained))
+    }
+
+    /// Table cell: the single run's cell, or the mean over seeds with any failure noted.
+    fn text(&self) -> String {
+        if let [run] = self.runs[..] {
+            return run.cell();
+        }
+        let mean = self
+            .mean_accuracy()
+            .map_or("-".to_string(), |value| format!("{value:.4}"));
+        let failures: Vec<String> = self
+            .runs
+            .iter()
+            .filter(|run| !matches!(run.status, Status::Trained))
+            .map(|run| format!("seed {}: {}", run.spec.seed, run.cell()))
+            .collect();
+        if failures.is_empty() {
+            mean
+        } else {
+            format!("{mean} ({})", failures.join("; "))
+        }
+    }
+}
+
+/// Groups the results by network and format, in the order of their first run.
+fn cells(results: &[RunResult]) -> Vec<Cell<'_>> {
+    let mut cells: Vec<Cell> = Vec::new();
+    for result in results {
+        match cells
+            .iter_mut()
+            .find(|cell| cell.spec().same_cell(&result.spec))
+        {
+            Some(cell) => cell.runs.push(result),
+            None => cells.push(Cell { runs: vec![result] }),
+        }
+    }
+    cells
+}
+
+fn plot_point(cell: &Cell) -> plot::Point {
+    let spec = cell.spec();
     let series = format!(
         "{} {} {}",
-        result.spec.family.name(),
-        result.spec.act.name(),
-        numeric_name(result.spec.numeric)
+        spec.family.name(),
+        spec.act.name(),
+        numeric_name(spec.numeric)
     );
     plot::Point {
         series,
-        family: result.spec.family as usize,
-        fixed_point: result.spec.numeric == Numeric::I16f16,
-        depth: result.spec.depth,
-        accuracy: result.test_accuracy,
-        failed: !matches!(result.status, Status::Trained),
+        family: spec.family as usize,
+        fixed_point: spec.numeric == Numeric::I16f16,
+        depth: spec.depth,
+        accuracy: cell.mean_accuracy(),
+        failed: cell.failed(),
     }
 }
 
@@ -599,7 +702,9 @@ fn train_one_in<S: Scalar + Send + Sync>(
     });
     let status = match &outcome {
         Ok(trained) => {
-            let model = plan.out_dir.join(format!("{}.fpc", run.file_stem()));
+            let model = plan
+                .out_dir
+                .join(format!("{}.fpc", run.file_stem(plan.seeds[0])));
             let written = encode(trained).and_then(|bytes| write_file(&model, &bytes));
             match (written, trained.epochs.last()) {
                 (Err(error), _) => Status::Failed {
@@ -675,15 +780,27 @@ fn markdown_tables(
     test_set: &Dataset,
 ) -> String {
     let mut out = String::new();
+    let cells = cells(results);
     let columns: Vec<(Family, Numeric)> = args
         .families
         .iter()
         .flat_map(|&family| args.numerics.iter().map(move |&numeric| (family, numeric)))
         .collect();
+    let seeds: Vec<String> = plan.seeds.iter().map(u64::to_string).collect();
+    let seed_text = if seeds.len() == 1 {
+        format!("seed {}", seeds[0])
+    } else {
+        format!(
+            "seeds {} for muPC (the cells give the mean; the table of seeds follows) and seed {} \
+             for SP",
+            seeds.join(", "),
+            seeds[0]
+        )
+    };
     let _ = writeln!(
         out,
         "Width {}, {} epoch(s) of Adam (learning rate {} for muPC and {} for SP, batch {}), \
-         T = depth - 1 inference steps, {} training and {} test rows, input scale {}, seed {}, \
+         T = depth - 1 inference steps, {} training and {} test rows, input scale {}, {}, \
          fixed-point activity updates rounded {}.",
         plan.width,
         plan.epochs,
@@ -693,12 +810,21 @@ fn markdown_tables(
         train_set.len(),
         test_set.len(),
         plan.input_scale,
-        plan.seed,
+        seed_text,
         match plan.rounding {
             ActivityRounding::Nearest => "to nearest",
             ActivityRounding::Stochastic => "stochastically",
         }
     );
+    let find = |act: Activation, depth: usize, family: Family, numeric: Numeric| {
+        cells.iter().find(|cell| {
+            let spec = cell.spec();
+            spec.act == act
+                && spec.depth == depth
+                && spec.family == family
+                && spec.numeric == numeric
+        })
+    };
     for &act in &args.acts {
         let _ = writeln!(
             out,
@@ -713,32 +839,71 @@ fn markdown_tables(
         let _ = writeln!(out, "| depth | {} |", header.join(" | "));
         let _ = writeln!(out, "|---:|{}", "---:|".repeat(columns.len()));
         for &depth in &args.depths {
-            let cells: Vec<String> = columns
+            let texts: Vec<String> = columns
                 .iter()
                 .map(|&(family, numeric)| {
-                    results
-                        .iter()
-                        .find(|result| {
-                            let spec = &result.spec;
-                            spec.act == act
-                                && spec.depth == depth
-                                && spec.family == family
-                                && spec.numeric == numeric
-                        })
-                        .map_or("-".to_string(), RunResult::cell)
+                    find(act, depth, family, numeric).map_or("-".to_string(), Cell::text)
                 })
                 .collect();
-            let _ = writeln!(out, "| {depth} | {} |", cells.join(" | "));
+            let _ = writeln!(out, "| {depth} | {} |", texts.join(" | "));
+        }
+        if seeds.len() > 1 && args.families.contains(&Family::MupcSkip) {
+            let _ = writeln!(
+                out,
+                "\nmuPC + skips, {}, test accuracy per seed:\n",
+                act.name()
+            );
+            let _ = writeln!(
+                out,
+                "| depth | format | seed {} | mean | lowest |",
+                seeds.join(" | seed ")
+            );
+            let _ = writeln!(out, "|---:|---|{}---:|---:|", "---:|".repeat(seeds.len()));
+            for &depth in &args.depths {
+                for &numeric in &args.numerics {
+                    let Some(cell) = find(act, depth, Family::MupcSkip, numeric) else {
+                        continue;
+                    };
+                    let accuracy = |value: Option<f64>| {
+                        value.map_or("-".to_string(), |value| format!("{value:.4}"))
+                    };
+                    let per_seed: Vec<String> = cell
+                        .runs
+                        .iter()
+                        .map(|run| accuracy(run.test_accuracy))
+                        .collect();
+                    let lowest = cell
+                        .runs
+                        .iter()
+                        .map(|run| run.test_accuracy)
+                        .try_fold(f64::INFINITY, |low, value| {
+                            value.map(|value| low.min(value))
+                        });
+                    let _ = writeln!(
+                        out,
+                        "| {depth} | {} | {} | {} | {} |",
+                        numeric_name(numeric),
+                        per_seed.join(" | "),
+                        accuracy(cell.mean_accuracy()),
+                        accuracy(lowest)
+                    );
+                }
+            }
         }
     }
 
     let _ = writeln!(
         out,
-        "\nActivity ranges in the last epoch: the largest |z_l| over the training samples' \
+        "\nActivity ranges in the last epoch{}: the largest |z_l| over the training samples' \
          final activities at hidden layers 1, L/4, L/2, 3L/4 and L-1, saturated results \
          (I16F16 saturates at |z| = 32768), the spread of the test outputs, how many layers \
          from the output the errors reached by the end of inference (mean over the training \
-         samples) and the mean seconds per epoch:\n"
+         samples) and the mean seconds per epoch:\n",
+        if seeds.len() > 1 {
+            format!(", runs with seed {}", seeds[0])
+        } else {
+            String::new()
+        }
     );
     let _ = writeln!(
         out,
@@ -746,7 +911,10 @@ fn markdown_tables(
          | s/epoch |"
     );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for result in results {
+    for result in results
+        .iter()
+        .filter(|result| result.spec.seed == plan.seeds[0])
+    {
         let Some(last) = result.last_epoch() else {
             continue;
         };
@@ -853,6 +1021,74 @@ mod tests {
         assert_eq!(args.epochs, 1);
         assert_eq!(args.train_rows, Some(300));
         assert_eq!(args.test_rows, Some(200));
+    }
+
+    #[test]
+    fn repeated_seed_rejected() {
+        let args = SweepArgs {
+            seeds: vec![1, 2, 1],
+            ..quick_args()
+        };
+        let error = validate(&args).unwrap_err();
+        assert!(
+            error.to_string().contains("--seeds: 1 appears twice"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn mupc_runs_every_seed_and_sp_the_first() {
+        let args = SweepArgs {
+            depths: vec![8],
+            seeds: vec![4, 5],
+            numerics: vec![Numeric::I16f16],
+            ..quick_args()
+        };
+        let seeds: Vec<(Family, u64)> = run_specs(&args)
+            .iter()
+            .map(|run| (run.family, run.seed))
+            .collect();
+        assert_eq!(
+            seeds,
+            vec![
+                (Family::MupcSkip, 4),
+                (Family::MupcSkip, 5),
+                (Family::SpSkip, 4),
+                (Family::Sp, 4)
+            ]
+        );
+    }
+
+    #[test]
+    fn cell_averages_the_seeds_and_names_failures() {
+        let run = |seed, accuracy, status| RunResult {
+            spec: RunSpec {
+                family: Family::MupcSkip,
+                depth: 8,
+                seed,
+                numeric: Numeric::I16f16,
+                act: Activation::Relu,
+            },
+            status,
+            test_accuracy: Some(accuracy),
+            seconds_per_epoch: None,
+            epochs: Vec::new(),
+        };
+        let results = [
+            run(1, 0.85, Status::Trained),
+            run(2, 0.87, Status::Trained),
+            run(3, 0.10, Status::Collapsed),
+        ];
+        let cells = cells(&results);
+        assert_eq!(cells.len(), 1);
+        assert!((cells[0].mean_accuracy().unwrap() - 0.6066667).abs() < 1e-6);
+        assert_eq!(cells[0].text(), "0.6067 (seed 3: 0.1000 (collapsed))");
+        assert!(cells[0].failed());
+        assert_eq!(
+            results[1].spec.file_stem(1),
+            "mupc-skip-relu-d8-i16f16-seed2"
+        );
+        assert_eq!(results[0].spec.file_stem(1), "mupc-skip-relu-d8-i16f16");
     }
 
     fn quick_args() -> SweepArgs {
