@@ -121,8 +121,8 @@ pub struct SweepArgs {
     #[arg(long, default_value_t = 2)]
     jobs: usize,
     /// Seeds of the initial weights and of the shuffling, comma-separated. Each muPC network
-    /// is trained once per seed and the accuracy table gives the mean; the SP networks, which
-    /// cost as much and fail from depth 32, are trained with the first seed only
+    /// is trained once per seed, and the accuracy table gives the mean. SP networks are
+    /// trained with the first seed only, because they cost as much and fail from depth 32
     #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
     seeds: Vec<u64>,
     /// Directory for the models, the JSON results, the table and the plot
@@ -196,8 +196,8 @@ impl RunSpec {
         )
     }
 
-    /// Name of the model file; runs with the first seed keep the name without a seed, so
-    /// scripts can find them whatever `--seeds` was.
+    /// Returns the name of the model file. Runs with the first seed get no seed suffix, so
+    /// scripts find them whatever `--seeds` was.
     fn file_stem(&self, first_seed: u64) -> String {
         let family = match self.family {
             Family::MupcSkip => "mupc-skip",
@@ -217,7 +217,7 @@ impl RunSpec {
         }
     }
 
-    /// Whether `other` is the same network and format, perhaps with another seed.
+    /// Returns whether `other` is the same network and format, perhaps with another seed.
     fn same_cell(&self, other: &RunSpec) -> bool {
         self.family == other.family
             && self.depth == other.depth
@@ -437,7 +437,7 @@ fn first_rows(data: Dataset, rows: Option<usize>) -> Dataset {
     }
 }
 
-/// Every run of the sweep: each muPC network once per seed, each SP network with the first.
+/// Lists every run of the sweep: each muPC network once per seed, each SP network once.
 fn run_specs(args: &SweepArgs) -> Vec<RunSpec> {
     let mut runs = Vec::new();
     for &act in &args.acts {
@@ -566,7 +566,7 @@ impl Cell<'_> {
         &self.runs[0].spec
     }
 
-    /// Mean test accuracy over the seeds; `None` when a run has no accuracy.
+    /// Returns the mean test accuracy over the seeds, or `None` when a run has no accuracy.
     fn mean_accuracy(&self) -> Option<f64> {
         let accuracies: Option<Vec<f64>> = self.runs.iter().map(|run| run.test_accuracy).collect();
         accuracies.map(|values| values.iter().sum::<f64>() / values.len() as f64)
@@ -578,7 +578,7 @@ impl Cell<'_> {
             .any(|run| !matches!(run.status, Status::Trained))
     }
 
-    /// Table cell: the single run's cell, or the mean over seeds with any failure noted.
+    /// Formats the table cell: the single run's cell, or the mean over seeds with any failure.
     fn text(&self) -> String {
         if let [run] = self.runs[..] {
             return run.cell();
@@ -791,8 +791,8 @@ fn markdown_tables(
         format!("seed {}", seeds[0])
     } else {
         format!(
-            "seeds {} for muPC (the cells give the mean; the table of seeds follows) and seed {} \
-             for SP",
+            "seeds {} for muPC (the cells give the mean, and the table of seeds follows) and \
+             seed {} for SP",
             seeds.join(", "),
             seeds[0]
         )
@@ -800,8 +800,8 @@ fn markdown_tables(
     let _ = writeln!(
         out,
         "Width {}, {} epoch(s) of Adam (learning rate {} for muPC and {} for SP, batch {}), \
-         T = depth - 1 inference steps, {} training and {} test rows, input scale {}, {}, \
-         fixed-point activity updates rounded {}.",
+         T = depth - 1 inference steps, {} training and {} test rows, input scale {}. Runs \
+         with {}. Fixed-point activity updates rounded {}.",
         plan.width,
         plan.epochs,
         plan.lr,
@@ -1037,7 +1037,7 @@ mod tests {
     }
 
     #[test]
-    fn mupc_runs_every_seed_and_sp_the_first() {
+    fn mupc_runs_every_seed() {
         let args = SweepArgs {
             depths: vec![8],
             seeds: vec![4, 5],
@@ -1060,7 +1060,7 @@ mod tests {
     }
 
     #[test]
-    fn cell_averages_the_seeds_and_names_failures() {
+    fn cell_averages_seeds() {
         let run = |seed, accuracy, status| RunResult {
             spec: RunSpec {
                 family: Family::MupcSkip,
