@@ -130,12 +130,16 @@ fn board_section(out: &mut String, counts: &BoardCounts) {
          instructions: `LDM` of four words of the vector and of the row, then four `SMLALD`s, \
          32 columns per iteration. That of the `I16F16` one takes 1.63 (`LDM` and `SMLAL`, 16 \
          columns per iteration). The transposed products walk \
-         down four columns at a time: 1.69 for `I4F12` (`LDRD`, `UXTAH` to step to the next \
-         row, and `SMLAL<x><y>`, eight rows per iteration) and 2.06 for `I16F16` (eight rows). \
-         The rest of each figure above is per-row or per-column work: 8 instructions per row \
-         of a matrix product and 22 to 25 per four columns of a transposed product, for the \
-         loop state, the rounding and the stores. `I16F16` also passes over the vector once \
-         to prove that the `i64` sums are exact.\n",
+         down several columns at a time. `I4F12` takes 1.45 for eight columns in 32-bit \
+         accumulators (`LDRD`, `UXTAH` to step to the next row, and `SMLA<x><y>`, 16 rows per \
+         iteration), and a sum that leaves the `i32` range sends the product to the general \
+         path like a saturated output. `I16F16` takes 1.85 for three columns (`LDM` of a \
+         row's three weights, `UXTAH` and `SMLAL`, 32 rows per iteration). Columns left over \
+         go four at a time, at 1.69 and 2.06. The rest of each figure above is per-row or \
+         per-column work: 8 instructions per row of a matrix product, and 17 per three \
+         columns (`I16F16`), 25 per eight columns (`I4F12`) or 22 to 25 per four columns of a \
+         transposed product, for the loop state, the rounding and the stores. `I16F16` also \
+         passes over the vector once to prove that the `i64` sums are exact.\n",
     );
     out.push_str(
         "\nInstructions per call. An inference step is one activity update plus the errors that \

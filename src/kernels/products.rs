@@ -3,14 +3,16 @@
 //!
 //! Each routine computes `saturate((sum + 2^(f-1)) >> f)` per output, with `f` the fraction
 //! bits of the format (12 for `I4F12`, 16 for `I16F16`) and `sum` the exact sum of raw
-//! products. The 64-bit accumulator starts at the rounding bias. Under the bound that each
-//! caller checks, the shifted value fits an `i32`, so one shift and one `ORR` combine the two
-//! words of the accumulator into the result. `SSAT` then saturates to `i16` (`I4F12`),
-//! or tests that the result fits an `i32` (`I16F16`). `SSAT` sets the sticky Q flag when it
-//! clamps, and nothing else in the routines sets it. So each routine clears Q first and returns
-//! `false` when Q is set at the end, and the caller then recomputes the product on its general
-//! path, which counts every saturated output. That path is also taken for shapes the routines
-//! do not handle, for which they return `false` without writing.
+//! products. The accumulators start at the rounding bias. Most are 64 bits wide. Under the
+//! bound that each caller checks, the shifted value fits an `i32`, so one shift and one `ORR`
+//! combine the two words of the accumulator into the result. `SSAT` then saturates to `i16`
+//! (`I4F12`), or tests that the result fits an `i32` (`I16F16`). The `I4F12` transposed
+//! product sums eight columns at a time in 32-bit accumulators, where one `SSAT` with a shift
+//! rounds and saturates. Two events set the sticky Q flag: `SSAT` clamping, and `SMLA<x><y>`
+//! overflowing a 32-bit accumulator. So each routine clears Q first and returns `false` when Q
+//! is set at the end, and the caller then recomputes the product on its general path, which
+//! counts every saturated output. That path is also taken for shapes the routines do not
+//! handle, for which they return `false` without writing.
 //!
 //! LLVM reserves `r6` and `r7` on Thumb, so they cannot be `asm!` operands. The routines save
 //! both on the stack and use them as scratch, which leaves 14 registers for the loops. Values
@@ -18,11 +20,12 @@
 //! them at the start of each row or group of columns.
 
 // NOTE: on Cortex-M4 (QEMU mps2-an386, `scripts/bench`), the transposed products measured
-// 1.81 (64x64) and 1.71 (256x256) instructions per multiply-accumulate for `I4F12`, and 2.25
-// and 2.10 for `I16F16`, above the 1.0 and 2.0 that the matrix products meet. A weight word
-// contains two columns of one row, so each 16-bit product needs its own `SMLAL<x><y>` (or half
-// a `PKHBT`/`PKHTB` plus half an `SMLALD`), one instruction per product before any load. The
-// loads, the row step and the loop come on top, and all 14 usable registers are taken.
+// 1.53 (64x64) and 1.47 (256x256) instructions per multiply-accumulate for `I4F12`, and 2.06
+// and 1.90 for `I16F16`, against targets of 1.0 and 2.0. A weight word contains two columns
+// of one row, so each 16-bit product needs its own `SMLA<x><y>`, and `I4F12` cannot reach 1.0
+// from row-major weights. For `I16F16` at 64 rows, the rounding and loop state of each group
+// of columns and the caller's pass over the vector add about 0.2 to the 1.85 of the inner
+// loop.
 use core::arch::asm;
 
 /// The sticky saturation bit (Q) of the APSR.
@@ -434,21 +437,132 @@ fn column_counter(stride_bytes: usize, passes: usize) -> Option<usize> {
     }
 }
 
+/// Two rows of eight columns of the `I4F12` transposed product, with the registers of
+/// [`q12_column_block`] except that `r4` to `r11` are eight 32-bit accumulators. `SMLA<x><y>`
+/// sets Q when an accumulation overflows, so the routine then returns `false` as it does for
+/// a saturated output.
+macro_rules! q12_column8_block {
+    () => {
+        concat!(
+            "ldr r3, [r1], #4\n",
+            "ldrd r12, lr, [r0]\n",
+            "smlabb r4, r12, r3, r4\n",
+            "smlatb r5, r12, r3, r5\n",
+            "smlabb r6, lr, r3, r6\n",
+            "smlatb r7, lr, r3, r7\n",
+            "ldrd r12, lr, [r0, #8]\n",
+            "uxtah r0, r0, r2\n",
+            "smlabb r8, r12, r3, r8\n",
+            "smlatb r9, r12, r3, r9\n",
+            "smlabb r10, lr, r3, r10\n",
+            "smlatb r11, lr, r3, r11\n",
+            "ldrd r12, lr, [r0]\n",
+            "smlabt r4, r12, r3, r4\n",
+            "smlatt r5, r12, r3, r5\n",
+            "smlabt r6, lr, r3, r6\n",
+            "smlatt r7, lr, r3, r7\n",
+            "ldrd r12, lr, [r0, #8]\n",
+            "uxtah r0, r0, r2\n",
+            "smlabt r8, r12, r3, r8\n",
+            "smlatt r9, r12, r3, r9\n",
+            "smlabt r10, lr, r3, r10\n",
+            "smlatt r11, lr, r3, r11\n",
+        )
+    };
+}
+
+/// Runs the `I4F12` transposed product on groups of eight columns with 32-bit accumulators,
+/// laid out as [`columns_routine`] is but with eight accumulators that each start at the
+/// bias. After the passes of `$block` down the rows, one `SSAT` per output shifts the sum
+/// right by 12 and saturates it to `i16`. Evaluates to the APSR at the end.
+macro_rules! q12_columns8_routine {
+    (
+        block: $block:expr,
+        matrix: $matrix:expr,
+        vector: $vector:expr,
+        counter: $counter:expr,
+        out: $out:expr,
+        out_end: $out_end:expr $(,)?
+    ) => {{
+        let status: u32;
+        asm!(
+            "push {{r6, r7}}",
+            "movs r6, #0",
+            "msr APSR_nzcvq, r6",
+            "mov r5, #0x800",
+            "mov r6, r5",
+            "push {{r3, r4}}",
+            "push {{r5, r6}}",
+            "push {{r5, r6}}",
+            "push {{r5, r6}}",
+            "push {{r5, r6}}",
+            "push {{r0, r1, r2}}",
+            "1:",
+            "ldm sp, {{r0, r1, r2, r4, r5, r6, r7, r8, r9, r10, r11}}",
+            "2:",
+            $block,
+            "subs r2, r2, #0x10000",
+            "bcs 2b",
+            "ldr r12, [sp, #44]",
+            "ssat r4, #16, r4, asr #12",
+            "ssat r5, #16, r5, asr #12",
+            "ssat r6, #16, r6, asr #12",
+            "ssat r7, #16, r7, asr #12",
+            "ssat r8, #16, r8, asr #12",
+            "ssat r9, #16, r9, asr #12",
+            "ssat r10, #16, r10, asr #12",
+            "ssat r11, #16, r11, asr #12",
+            "strh r4, [r12], #2",
+            "strh r5, [r12], #2",
+            "strh r6, [r12], #2",
+            "strh r7, [r12], #2",
+            "strh r8, [r12], #2",
+            "strh r9, [r12], #2",
+            "strh r10, [r12], #2",
+            "strh r11, [r12], #2",
+            "ldr lr, [sp, #48]",
+            "str r12, [sp, #44]",
+            "ldr r0, [sp]",
+            "add r0, r0, #16",
+            "str r0, [sp]",
+            "cmp r12, lr",
+            "bne 1b",
+            "mrs r5, APSR",
+            "add sp, sp, #52",
+            "pop {{r6, r7}}",
+            inout("r0") $matrix => _,
+            inout("r1") $vector => _,
+            inout("r2") $counter => _,
+            inout("r3") $out => _,
+            inout("r4") $out_end => _,
+            out("r5") status,
+            out("r8") _,
+            out("r9") _,
+            out("r10") _,
+            out("r11") _,
+            out("r12") _,
+            out("lr") _,
+        );
+        status
+    }};
+}
+
 /// Writes `out[j] = saturate((sum_i matrix[i][j] vector[i] + 2^11) >> 12)` for the raw
 /// `I4F12` values of a row-major `matrix` with `vector.len()` rows and `out.len()` columns,
 /// which is `I4F12::transposed_product` with scale one.
 ///
-/// Returns `false` as [`matrix_product_q12`] does. Handled: columns a multiple of 4, an even
-/// number of rows below `2^13`, at least `vector.len()` rows in `matrix`, and `matrix`
-/// word-aligned.
+/// Returns `false` as [`matrix_product_q12`] does, and also when a partial sum of the first
+/// `8 * (columns / 8)` columns, which use 32-bit accumulators, leaves the `i32` range.
+/// Handled: columns a multiple of 4, an even number of rows below `2^13`, at least
+/// `vector.len()` rows in `matrix`, and `matrix` word-aligned.
 pub(crate) fn transposed_product_q12(matrix: &[i16], vector: &[i16], out: &mut [i16]) -> bool {
-    const COLUMNS: usize = 4;
     let rows = vector.len();
     let columns = out.len();
     // Below 2^13 rows the biased sum shifted right by 12 fits an i32, as in
-    // `matrix_product_q12`.
+    // `matrix_product_q12`, which the 64-bit accumulators of the last group of four columns
+    // need.
     let shape = columns > 0
-        && columns.is_multiple_of(COLUMNS)
+        && columns.is_multiple_of(4)
         && rows > 0
         && rows.is_multiple_of(2)
         && rows < 1 << 13
@@ -458,25 +572,96 @@ pub(crate) fn transposed_product_q12(matrix: &[i16], vector: &[i16], out: &mut [
         return false;
     }
 
+    let stride = columns * 2;
+    let wide_columns = columns - columns % 8;
+    let (wide_out, narrow_out) = out.split_at_mut(wide_columns);
+    if wide_columns > 0 {
+        let Some(status) = columns8_q12(matrix, vector, stride, wide_out) else {
+            return false;
+        };
+        if status & Q_FLAG != 0 {
+            return false;
+        }
+    }
+    if !narrow_out.is_empty() {
+        let Some(status) = columns4_q12(&matrix[wide_columns..], vector, stride, narrow_out) else {
+            return false;
+        };
+        if status & Q_FLAG != 0 {
+            return false;
+        }
+    }
+    true
+}
+
+/// Runs [`q12_columns8_routine`] on the first `out.len()` columns, a non-zero multiple of 8,
+/// of a word-aligned matrix with `vector.len()` rows, an even number, and `stride` bytes per
+/// row. Returns the APSR at the end, or `None` when the counter does not fit.
+fn columns8_q12(matrix: &[i16], vector: &[i16], stride: usize, out: &mut [i16]) -> Option<u32> {
+    let rows = vector.len();
+    let unroll = if rows.is_multiple_of(16) { 8 } else { 1 };
+    let counter = column_counter(stride, rows / (2 * unroll))?;
+    let out_range = out.as_mut_ptr_range();
+
+    // SAFETY: for each group of eight columns `j`, the routine reads the four words at
+    // `matrix[i * columns + j]` for every row `i < rows`, which are in bounds. They are
+    // word-aligned, as `LDRD` needs, because `matrix` is and `j` and `columns` are multiples of
+    // 8 and 4. It reads the words at `vector[i]` for even `i < rows`. Unaligned `LDR` is
+    // allowed on Armv7-M unless the program sets `CCR.UNALIGN_TRP`, which fixedpc firmware
+    // does not. It writes eight values of `out` per group with `STRH`, from its start to its
+    // end. The routine restores `sp`, `r6` and `r7`, and writes only the declared registers,
+    // the flags, and its own stack frame.
+    let status = unsafe {
+        if unroll == 8 {
+            q12_columns8_routine!(
+                block: concat!(
+                    q12_column8_block!(),
+                    q12_column8_block!(),
+                    q12_column8_block!(),
+                    q12_column8_block!(),
+                    q12_column8_block!(),
+                    q12_column8_block!(),
+                    q12_column8_block!(),
+                    q12_column8_block!()
+                ),
+                matrix: matrix.as_ptr(),
+                vector: vector.as_ptr(),
+                counter: counter,
+                out: out_range.start,
+                out_end: out_range.end,
+            )
+        } else {
+            q12_columns8_routine!(
+                block: q12_column8_block!(),
+                matrix: matrix.as_ptr(),
+                vector: vector.as_ptr(),
+                counter: counter,
+                out: out_range.start,
+                out_end: out_range.end,
+            )
+        }
+    };
+    Some(status)
+}
+
+/// Runs [`columns_routine`] with [`q12_column_block`] on the first `out.len()` columns, a
+/// non-zero multiple of 4, of a word-aligned matrix with `vector.len()` rows, an even number
+/// below `2^13`, and `stride` bytes per row. Returns the APSR at the end, or `None` when the
+/// counter does not fit.
+fn columns4_q12(matrix: &[i16], vector: &[i16], stride: usize, out: &mut [i16]) -> Option<u32> {
+    const COLUMNS: usize = 4;
     const UNROLL: usize = 4;
+    let rows = vector.len();
     let unrolled = rows.is_multiple_of(2 * UNROLL);
     let passes = if unrolled {
         rows / (2 * UNROLL)
     } else {
         rows / 2
     };
-    let Some(counter) = column_counter(columns * 2, passes) else {
-        return false;
-    };
+    let counter = column_counter(stride, passes)?;
     let out_range = out.as_mut_ptr_range();
-    // SAFETY: for each group of four columns `j`, the routine reads the two words at
-    // `matrix[i * columns + j]` for every row `i < rows`, which are in bounds. They are
-    // word-aligned, as `LDRD` needs, because `matrix` is and `j` and `columns` are multiples of
-    // 4. It reads the words at `vector[i]` for even `i < rows`. Unaligned `LDR` is allowed on
-    // Armv7-M unless the program sets `CCR.UNALIGN_TRP`, which fixedpc firmware does not. It
-    // writes four values of `out` per group, from its start to its end. The routine restores
-    // `sp`, `r6` and `r7`, and writes only the declared registers, the flags, and its own
-    // stack frame.
+    // SAFETY: as in `columns8_q12`, with two words per row and group of four columns, which
+    // are word-aligned because `matrix` is and `j` and `columns` are multiples of 4.
     let status = unsafe {
         if unrolled {
             columns_routine!(
@@ -509,8 +694,115 @@ pub(crate) fn transposed_product_q12(matrix: &[i16], vector: &[i16], out: &mut [
             )
         }
     };
+    Some(status)
+}
 
-    status & Q_FLAG == 0
+/// Two rows of three columns of the `I16F16` transposed product. `r1` walks the vector two
+/// values at a time, and `r0` walks down the columns by the row stride in the low half of
+/// `r2`. `r4` to `r9` are three 64-bit accumulators. One `LDM` loads the three weights of a
+/// row, so a row costs two instructions besides its multiplies, against four for
+/// [`q16_column_block`].
+macro_rules! q16_column3_block {
+    () => {
+        concat!(
+            "ldrd r3, r12, [r1], #8\n",
+            "ldm r0, {{r10, r11, lr}}\n",
+            "uxtah r0, r0, r2\n",
+            "smlal r4, r5, r10, r3\n",
+            "smlal r6, r7, r11, r3\n",
+            "smlal r8, r9, lr, r3\n",
+            "ldm r0, {{r10, r11, lr}}\n",
+            "uxtah r0, r0, r2\n",
+            "smlal r4, r5, r10, r12\n",
+            "smlal r6, r7, r11, r12\n",
+            "smlal r8, r9, lr, r12\n",
+        )
+    };
+}
+
+/// Four passes of [`q16_column3_block`].
+macro_rules! q16_column3_block_x4 {
+    () => {
+        concat!(
+            q16_column3_block!(),
+            q16_column3_block!(),
+            q16_column3_block!(),
+            q16_column3_block!()
+        )
+    };
+}
+
+/// Runs the `I16F16` transposed product on groups of three columns: for each group, passes of
+/// `$block` down the rows, then rounding as [`q16_column_finish`] does and a store through the
+/// output pointer. Evaluates to the APSR at the end.
+///
+/// `$counter` is as in [`columns_routine`]. After a group, `r0` points `rows * stride` bytes
+/// past the group's first weight, and subtracting `$rewind` (`rows * stride - 12`) moves it to
+/// the next group's first weight. Stack frame after the prologue: the vector pointer, the
+/// counter, the accumulators' start values (the bias, then 0, three times), the output
+/// pointer, the end of the output and `$rewind`. One `LDM` reloads the first eight into `r1`,
+/// `r2` and `r4` to `r9`.
+macro_rules! q16_columns3_routine {
+    (
+        block: $block:expr,
+        matrix: $matrix:expr,
+        vector: $vector:expr,
+        counter: $counter:expr,
+        rewind: $rewind:expr,
+        out: $out:expr,
+        out_end: $out_end:expr $(,)?
+    ) => {{
+        let status: u32;
+        asm!(
+            "push {{r6, r7}}",
+            "movs r6, #0",
+            "msr APSR_nzcvq, r6",
+            "mov r5, #0x8000",
+            "push {{r3, r4, r12}}",
+            "push {{r5, r6}}",
+            "push {{r5, r6}}",
+            "push {{r5, r6}}",
+            "push {{r1, r2}}",
+            "1:",
+            "ldm sp, {{r1, r2, r4, r5, r6, r7, r8, r9}}",
+            "2:",
+            $block,
+            "subs r2, r2, #0x10000",
+            "bcs 2b",
+            "lsr r4, r4, #16",
+            "orr r4, r4, r5, lsl #16",
+            "ssat r5, #16, r5",
+            "lsr r6, r6, #16",
+            "orr r6, r6, r7, lsl #16",
+            "ssat r7, #16, r7",
+            "lsr r8, r8, #16",
+            "orr r8, r8, r9, lsl #16",
+            "ssat r9, #16, r9",
+            "ldrd r12, lr, [sp, #32]",
+            "ldr r10, [sp, #40]",
+            "stm r12!, {{r4, r6, r8}}",
+            "str r12, [sp, #32]",
+            "sub r0, r0, r10",
+            "cmp r12, lr",
+            "bne 1b",
+            "mrs r5, APSR",
+            "add sp, sp, #44",
+            "pop {{r6, r7}}",
+            inout("r0") $matrix => _,
+            inout("r1") $vector => _,
+            inout("r2") $counter => _,
+            inout("r3") $out => _,
+            inout("r4") $out_end => _,
+            out("r5") status,
+            out("r8") _,
+            out("r9") _,
+            out("r10") _,
+            out("r11") _,
+            inout("r12") $rewind => _,
+            out("lr") _,
+        );
+        status
+    }};
 }
 
 /// Writes `out[j] = saturate((sum_i matrix[i][j] vector[i] + 2^15) >> 16)` for the raw
@@ -518,29 +810,114 @@ pub(crate) fn transposed_product_q12(matrix: &[i16], vector: &[i16], out: &mut [
 /// which is `I16F16::transposed_product` with scale one.
 ///
 /// The caller must have checked the bound of [`matrix_product_q16`]. Returns `false` as
-/// [`matrix_product_q12`] does. Handled: columns a multiple of 4 and at least `vector.len()`
-/// rows in `matrix`.
+/// [`matrix_product_q12`] does. Handled: at least `vector.len()` rows in `matrix`, and either
+/// an even number of rows and at least `4 * (columns % 3)` columns, or columns a multiple
+/// of 4.
 pub(crate) fn transposed_product_q16(matrix: &[i32], vector: &[i32], out: &mut [i32]) -> bool {
+    let rows = vector.len();
+    let columns = out.len();
+    if columns == 0 || rows == 0 || matrix.len() / columns < rows {
+        return false;
+    }
+    let stride = columns * 4;
+
+    // With an even number of rows, groups of three take all but the last `4 * (columns % 3)`
+    // columns, which go in groups of four. Because `4 * r` leaves the remainder `r` after
+    // division by 3, the columns in groups of three are a multiple of 3.
+    let wide_columns = if rows.is_multiple_of(2) && columns >= 4 * (columns % 3) {
+        4 * (columns % 3)
+    } else if columns.is_multiple_of(4) {
+        columns
+    } else {
+        return false;
+    };
+    let narrow_columns = columns - wide_columns;
+    let (narrow_out, wide_out) = out.split_at_mut(narrow_columns);
+    if narrow_columns > 0 {
+        let Some(status) = columns3_q16(matrix, vector, stride, narrow_out) else {
+            return false;
+        };
+        if status & Q_FLAG != 0 {
+            return false;
+        }
+    }
+    if wide_columns > 0 {
+        let Some(status) = columns4_q16(&matrix[narrow_columns..], vector, stride, wide_out) else {
+            return false;
+        };
+        if status & Q_FLAG != 0 {
+            return false;
+        }
+    }
+    true
+}
+
+/// Runs [`q16_columns3_routine`] on the first `out.len()` columns, a non-zero multiple of 3,
+/// of a matrix with `vector.len()` rows, an even number, and `stride` bytes per row. Returns
+/// the APSR at the end, or `None` when the counter does not fit.
+fn columns3_q16(matrix: &[i32], vector: &[i32], stride: usize, out: &mut [i32]) -> Option<u32> {
+    let rows = vector.len();
+    // Each pass runs 16 blocks of two rows when the rows allow, else 4, else 1.
+    let unroll = if rows.is_multiple_of(32) {
+        16
+    } else if rows.is_multiple_of(8) {
+        4
+    } else {
+        1
+    };
+    let counter = column_counter(stride, rows / (2 * unroll))?;
+    let rewind = rows * stride - 12;
+    let out_range = out.as_mut_ptr_range();
+
+    macro_rules! run {
+        ($block:expr) => {
+            q16_columns3_routine!(
+                block: $block,
+                matrix: matrix.as_ptr(),
+                vector: vector.as_ptr(),
+                counter: counter,
+                rewind: rewind,
+                out: out_range.start,
+                out_end: out_range.end,
+            )
+        };
+    }
+
+    // SAFETY: for each group of three columns `j`, the routine reads the three words at
+    // `matrix[i * columns + j]` for every row `i < rows`, which are in bounds because the
+    // caller checked that `matrix` has `rows` rows and `j + 3 <= out.len() <= columns`. It
+    // reads `vector` two values at a time with `LDRD`, which needs the word alignment that
+    // `i32` values have, and `rows` is even. It writes three values of `out` per group, from
+    // its start to its end. The routine restores `sp`, `r6` and `r7`, and writes only the
+    // declared registers, the flags, and its own stack frame.
+    let status = unsafe {
+        match unroll {
+            16 => run!(concat!(
+                q16_column3_block_x4!(),
+                q16_column3_block_x4!(),
+                q16_column3_block_x4!(),
+                q16_column3_block_x4!()
+            )),
+            4 => run!(q16_column3_block_x4!()),
+            _ => run!(q16_column3_block!()),
+        }
+    };
+    Some(status)
+}
+
+/// Runs [`columns_routine`] with [`q16_column_block`] on the first `out.len()` columns, a
+/// non-zero multiple of 4, of a matrix with `vector.len()` rows and `stride` bytes per row.
+/// Returns the APSR at the end, or `None` when the counter does not fit.
+fn columns4_q16(matrix: &[i32], vector: &[i32], stride: usize, out: &mut [i32]) -> Option<u32> {
     const COLUMNS: usize = 4;
     const UNROLL: usize = 8;
     let rows = vector.len();
-    let columns = out.len();
-    let shape = columns > 0
-        && columns.is_multiple_of(COLUMNS)
-        && rows > 0
-        && matrix.len() / columns >= rows;
-    if !shape {
-        return false;
-    }
-
     let unrolled = rows.is_multiple_of(UNROLL);
     let passes = if unrolled { rows / UNROLL } else { rows };
-    let Some(counter) = column_counter(columns * 4, passes) else {
-        return false;
-    };
+    let counter = column_counter(stride, passes)?;
     let out_range = out.as_mut_ptr_range();
-    // SAFETY: as in `transposed_product_q12`, with one `i32` vector value per row and four
-    // `i32` weights per row and group, read by two `LDRD`s from word-aligned addresses.
+    // SAFETY: as in `columns4_q12`, with one `i32` vector value per row and four `i32`
+    // weights per row and group, read by two `LDRD`s from word-aligned addresses.
     let status = unsafe {
         if unrolled {
             columns_routine!(
@@ -577,6 +954,5 @@ pub(crate) fn transposed_product_q16(matrix: &[i32], vector: &[i32], out: &mut [
             )
         }
     };
-
-    status & Q_FLAG == 0
+    Some(status)
 }

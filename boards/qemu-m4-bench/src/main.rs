@@ -309,11 +309,21 @@ fn check_kernels() {
     }
     cases += check_products_per_range::<i16, I4F12>(&mut rng, &[1 << 9, 1 << 12, 1 << 15]);
     cases += check_products_per_range::<i32, I16F16>(&mut rng, &[1 << 17, 1 << 24, 1 << 31]);
+    // `i16::MIN` squared is 2^30, so every fourth row brings a column sum to a multiple of
+    // 2^32, which a 32-bit accumulator wraps back near the bias. Only the overflow flag of
+    // `SMLA<x><y>` then distinguishes the sum from a small one.
+    let minimum = [I4F12::from_bits(i16::MIN); PRODUCT_VALUES];
+    cases += check_products(&minimum, &minimum);
+    let minimum = [I16F16::from_bits(i32::MIN); PRODUCT_VALUES];
+    cases += check_products(&minimum, &minimum);
     defmt::info!("kernel self-test passed: {=u32} cases", cases);
 }
 
-/// Values and shapes of the product self-test: up to 10 rows of up to 64 columns.
-const PRODUCT_VALUES: usize = 641;
+/// Values and shapes of the product self-test: up to 64 rows of up to 64 columns. Rows 8 to
+/// 64 run the unrolled loops of the transposed routines, which take 8, 16 or 32 rows per
+/// pass, with one pass and with several.
+const PRODUCT_VALUES: usize = 64 * 64 + 1;
+const PRODUCT_ROWS: [usize; 14] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 16, 24, 32, 64];
 const PRODUCT_COLUMNS: [usize; 17] = [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64];
 
 /// Runs [`check_products`] on raw values drawn uniformly below each bound in magnitude:
@@ -347,13 +357,13 @@ where
 
 /// Compares `S::matrix_product` and `S::transposed_product` with scale one against the sum of
 /// `Scalar::acc_mul_add` and one `Scalar::acc_scale_round` per output, outputs and overflow
-/// counts, on every shape of [`PRODUCT_COLUMNS`] with 1 to 10 rows. Panics on the first
+/// counts, on every shape of [`PRODUCT_ROWS`] and [`PRODUCT_COLUMNS`]. Panics on the first
 /// difference.
 fn check_products<S: Scalar>(matrix: &[S], vector: &[S]) -> u32 {
     let mut out = [S::ZERO; 64];
     let mut expected = [S::ZERO; 64];
     let mut cases = 0;
-    for rows in 1..=10 {
+    for rows in PRODUCT_ROWS {
         for columns in PRODUCT_COLUMNS {
             let matrix = &matrix[..rows * columns];
             let (mut overflows, mut expected_overflows) = (0, 0);
