@@ -99,8 +99,15 @@ impl DataArgs {
                 let (images, labels) = data::default_mnist_paths();
                 (mnist::load_idx(&images, &labels)?, 8000)
             }
-            path => {
-                let path = std::path::Path::new(path);
+            name => {
+                let path = std::path::Path::new(name);
+                if !path.exists() {
+                    return Err(input_error(format!(
+                        "--dataset {name}: not a bundled data set (digits, mnist) and no such \
+                         file; give one of those names, or the path of a CSV file or of an MNIST \
+                         IDX images file"
+                    )));
+                }
                 let all = match mnist::labels_path_for(path) {
                     Some(labels) => mnist::load_idx(path, &labels)?,
                     None => data::load_csv(path, self.classes)?,

@@ -69,9 +69,14 @@ pub struct SweepArgs {
     #[arg(long, default_value = "mnist", value_name = "NAME|PATH")]
     dataset: String,
     /// Numbers of weight layers to train, comma-separated
-    #[arg(long, value_delimiter = ',', default_value = "8,16,32,64,128")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "8,16,32,64,128",
+        value_name = "LIST"
+    )]
     depths: Vec<usize>,
-    /// Hidden width of every network
+    /// Neurons in every hidden layer
     #[arg(long, default_value_t = 64)]
     width: usize,
     /// Parameterisations, comma-separated: mupc-skip, sp-skip, sp
@@ -85,8 +90,14 @@ pub struct SweepArgs {
     /// Numeric formats, comma-separated
     #[arg(long, value_enum, value_delimiter = ',', default_value = "f32,i16f16")]
     numerics: Vec<Numeric>,
-    /// Activations, comma-separated
-    #[arg(long, value_delimiter = ',', default_value = "relu", value_parser = parse_activation)]
+    /// Activations, comma-separated: relu, tanh and the others of `pcsim train --act`
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "relu",
+        value_parser = parse_activation,
+        value_name = "LIST"
+    )]
     acts: Vec<Activation>,
     /// Passes over the training rows of each run
     #[arg(long, default_value_t = 3)]
@@ -117,13 +128,22 @@ pub struct SweepArgs {
     /// Use only the first ROWS test rows [default: all]
     #[arg(long, value_name = "ROWS")]
     test_rows: Option<usize>,
-    /// Runs trained at the same time, each on its own core
+    /// Runs trained at the same time; each gets the machine's cores divided by JOBS as
+    /// threads, at least one
     #[arg(long, default_value_t = 2)]
     jobs: usize,
-    /// Seeds of the initial weights and of the shuffling, comma-separated. Each muPC network
-    /// is trained once per seed, and the accuracy table gives the mean. SP networks are
-    /// trained with the first seed only, because they cost as much and fail from depth 32
-    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    /// Seeds of the initial weights and of the shuffling, comma-separated non-negative
+    /// integers. Each muPC network is trained once per seed, and the accuracy table gives the
+    /// mean. SP networks use the first seed only. Model files of the other seeds end in
+    /// -seedN
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,2,3",
+        value_parser = parse_seed,
+        allow_hyphen_values = true,
+        value_name = "LIST"
+    )]
     seeds: Vec<u64>,
     /// Directory for the models, the JSON results, the table and the plot
     #[arg(long, default_value = "target/deep-sweep", value_name = "DIR")]
@@ -140,9 +160,21 @@ pub struct SweepArgs {
     #[arg(long, value_name = "PATH")]
     font: Option<PathBuf>,
     /// A sweep of seconds for CI: depths 2,3,4, width 16, 300 training and 200 test rows, one
-    /// epoch; replaces --depths, --width, --epochs, --train-rows and --test-rows
-    #[arg(long)]
+    /// epoch; it cannot be combined with --depths, --width, --epochs, --train-rows or
+    /// --test-rows
+    #[arg(
+        long,
+        conflicts_with_all = ["depths", "width", "epochs", "train_rows", "test_rows"]
+    )]
     quick: bool,
+}
+
+fn parse_seed(text: &str) -> Result<u64, String> {
+    text.parse().map_err(|_| {
+        format!(
+            "'{text}' is invalid: expected non-negative integers, comma-separated, such as 1,2,3"
+        )
+    })
 }
 
 fn parse_activation(name: &str) -> Result<Activation, String> {
@@ -334,6 +366,7 @@ impl Plan {
             optimizer: OptimizerKind::Adam,
             seed: run.seed,
             threads: self.threads_per_run,
+            // The same code path for every format, so the sweep compares formats, not paths.
             per_sample: true,
         }
     }
@@ -377,17 +410,13 @@ fn validate(args: &SweepArgs) -> Result<()> {
             }
         }
     }
-    if let Some((index, seed)) = args
-        .seeds
-        .iter()
-        .enumerate()
-        .find(|&(index, seed)| args.seeds[..index].contains(seed))
-    {
-        return Err(input_error(format!(
-            "--seeds: {seed} appears twice (position {}); give each seed once",
-            index + 1
-        )));
-    }
+    reject_repeats("--seeds", "seed", &args.seeds, u64::to_string)?;
+    reject_repeats("--depths", "depth", &args.depths, usize::to_string)?;
+    reject_repeats("--families", "family", &args.families, value_name)?;
+    reject_repeats("--numerics", "format", &args.numerics, value_name)?;
+    reject_repeats("--acts", "activation", &args.acts, |act| {
+        act.name().to_string()
+    })?;
     if let Some(scale) = args.input_scale {
         if !(scale.is_finite() && scale > 0.0) {
             return Err(input_error(format!(
@@ -406,6 +435,34 @@ fn validate(args: &SweepArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Rejects a list option that names a value twice, which would train the same runs twice.
+fn reject_repeats<T: PartialEq>(
+    option: &str,
+    noun: &str,
+    values: &[T],
+    name: impl Fn(&T) -> String,
+) -> Result<()> {
+    let repeat = values
+        .iter()
+        .enumerate()
+        .find(|&(index, value)| values[..index].contains(value));
+    match repeat {
+        Some((index, value)) => Err(input_error(format!(
+            "{option}: {} appears twice (position {}); give each {noun} once",
+            name(value),
+            index + 1
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Returns the command-line name of an option value.
+fn value_name<T: ValueEnum>(value: &T) -> String {
+    value
+        .to_possible_value()
+        .map_or_else(String::new, |value| value.get_name().to_string())
 }
 
 /// Applies `--quick`.
@@ -468,6 +525,17 @@ fn run_specs(args: &SweepArgs) -> Vec<RunSpec> {
 pub fn run(args: &SweepArgs) -> Result<ExitCode> {
     let args = effective_args(args);
     validate(&args)?;
+    if let Some(doc) = &args.doc {
+        // Check the markers before hours of training, not after.
+        doc_block(doc)?;
+    }
+    let font = plot::load_font(args.font.as_deref())?;
+    let data = DataArgs {
+        dataset: args.dataset.clone(),
+        split: None,
+        classes: 10,
+    };
+    let (train_set, test_set) = data.load()?;
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
     let plot_path = args
@@ -475,18 +543,6 @@ pub fn run(args: &SweepArgs) -> Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| args.out_dir.join("deep-sweep.png"));
     check_output_dir("--plot", &plot_path)?;
-    if let Some(doc) = &args.doc {
-        // Check the markers before hours of training, not after.
-        doc_block(doc)?;
-    }
-    let font = plot::load_font(args.font.as_deref())?;
-
-    let data = DataArgs {
-        dataset: args.dataset.clone(),
-        split: None,
-        classes: 10,
-    };
-    let (train_set, test_set) = data.load()?;
     let train_set = first_rows(train_set, args.train_rows);
     let test_set = first_rows(test_set, args.test_rows);
     let input_scale = args.input_scale.unwrap_or(if args.dataset == "mnist" {
@@ -787,25 +843,39 @@ fn markdown_tables(
         .flat_map(|&family| args.numerics.iter().map(move |&numeric| (family, numeric)))
         .collect();
     let seeds: Vec<String> = plan.seeds.iter().map(u64::to_string).collect();
-    let seed_text = if seeds.len() == 1 {
-        format!("seed {}", seeds[0])
-    } else {
-        format!(
+    let has_mupc = args.families.contains(&Family::MupcSkip);
+    let has_sp = args
+        .families
+        .iter()
+        .any(|family| family.parameterisation() == Parameterisation::Sp);
+    let seed_text = match (seeds.len(), has_mupc, has_sp) {
+        (1, _, _) | (_, false, _) => format!("seed {}", seeds[0]),
+        (_, true, false) => format!(
+            "seeds {} (the cells give the mean, and the table of seeds follows)",
+            seeds.join(", ")
+        ),
+        (_, true, true) => format!(
             "seeds {} for muPC (the cells give the mean, and the table of seeds follows) and \
              seed {} for SP",
             seeds.join(", "),
             seeds[0]
-        )
+        ),
+    };
+    let learning_rates = match (has_mupc, has_sp) {
+        (true, true) => format!(
+            "learning rate {} for muPC and {} for SP",
+            plan.lr, plan.sp_lr
+        ),
+        (true, false) => format!("learning rate {}", plan.lr),
+        _ => format!("learning rate {}", plan.sp_lr),
     };
     let _ = writeln!(
         out,
-        "Width {}, {} epoch(s) of Adam (learning rate {} for muPC and {} for SP, batch {}), \
+        "Width {}, {} epoch(s) of Adam ({learning_rates}, batch {}), \
          T = depth - 1 inference steps, {} training and {} test rows, input scale {}. Runs \
          with {}. Fixed-point activity updates rounded {}.",
         plan.width,
         plan.epochs,
-        plan.lr,
-        plan.sp_lr,
         plan.batch,
         train_set.len(),
         test_set.len(),
@@ -847,7 +917,7 @@ fn markdown_tables(
                 .collect();
             let _ = writeln!(out, "| {depth} | {} |", texts.join(" | "));
         }
-        if seeds.len() > 1 && args.families.contains(&Family::MupcSkip) {
+        if seeds.len() > 1 && has_mupc {
             let _ = writeln!(
                 out,
                 "\nmuPC + skips, {}, test accuracy per seed:\n",
@@ -1034,6 +1104,51 @@ mod tests {
             error.to_string().contains("--seeds: 1 appears twice"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn repeated_family_rejected() {
+        let args = SweepArgs {
+            families: vec![Family::MupcSkip, Family::Sp, Family::MupcSkip],
+            ..quick_args()
+        };
+        let error = validate(&args).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("--families: mupc-skip appears twice (position 3)"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn repeated_depth_rejected() {
+        let args = SweepArgs {
+            depths: vec![8, 8],
+            ..quick_args()
+        };
+        let error = validate(&args).unwrap_err();
+        assert!(
+            error.to_string().contains("--depths: 8 appears twice"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn quick_conflicts_with_depths() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: SweepArgs,
+        }
+        let parsed = <Cli as clap::Parser>::try_parse_from(["sweep", "--quick", "--depths", "8"]);
+        assert!(parsed.is_err());
+    }
+
+    #[test]
+    fn negative_seed_rejected() {
+        let error = parse_seed("-1").unwrap_err();
+        assert!(error.contains("expected non-negative integers"), "{error}");
     }
 
     #[test]
