@@ -260,6 +260,26 @@ impl Adam {
         self.steps
     }
 
+    /// Counts one more step and returns its coefficients, with the bias corrections of that
+    /// step. [`Adam::step`] calls this once and then updates every weight with
+    /// [`Scalar::adam_update`], so a caller that updates the weights itself gets the same
+    /// coefficients.
+    pub fn advance(&mut self) -> AdamCoefficients {
+        self.steps += 1;
+        self.beta1_power = mul_coefficients(self.beta1_power, self.beta1);
+        self.beta2_power = mul_coefficients(self.beta2_power, self.beta2);
+        let correction1 = (COEF_ONE - self.beta1_power).max(1);
+        let correction2 = (COEF_ONE - self.beta2_power).max(0);
+        let root2 = (((correction2 as u128) << COEF_FRAC_BITS).isqrt()) as i128;
+        let step = (self.learning_rate as i128 * root2 / correction1 as i128) as i64;
+        AdamCoefficients {
+            beta1: self.beta1,
+            beta2: self.beta2,
+            step,
+            epsilon: self.epsilon,
+        }
+    }
+
     /// Applies one step; `first` and `second` are the moments, one per weight, zero at the
     /// start. Returns the number of saturated updates.
     ///
@@ -277,20 +297,7 @@ impl Adam {
         check_len(Buffer::OptimizerState, weights.len(), first.len())?;
         check_len(Buffer::OptimizerState, weights.len(), second.len())?;
 
-        self.steps += 1;
-        self.beta1_power = mul_coefficients(self.beta1_power, self.beta1);
-        self.beta2_power = mul_coefficients(self.beta2_power, self.beta2);
-        let correction1 = (COEF_ONE - self.beta1_power).max(1);
-        let correction2 = (COEF_ONE - self.beta2_power).max(0);
-        let root2 = (((correction2 as u128) << COEF_FRAC_BITS).isqrt()) as i128;
-        let step = (self.learning_rate as i128 * root2 / correction1 as i128) as i64;
-        let coefs = AdamCoefficients {
-            beta1: self.beta1,
-            beta2: self.beta2,
-            step,
-            epsilon: self.epsilon,
-        };
-
+        let coefs = self.advance();
         let mut overflows = 0;
         for (((weight, &gradient), m), v) in weights
             .iter_mut()

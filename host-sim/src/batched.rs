@@ -13,6 +13,7 @@
 //! energy sums, and in the products' fused multiply-adds. A sample's rows never mix with
 //! another sample's, so splitting the batch across threads gives the same bits.
 
+use std::cell::Cell;
 use std::ops::Range;
 
 use anyhow::{anyhow, ensure, Result};
@@ -187,6 +188,15 @@ mod fma_product {
             column_block::<4, 2, false>(&operands, column, all);
             column += 2 * LANES;
         }
+        if column + LANES < n {
+            // 9 to 15 columns remain: tiles of 16 columns whose second vector is masked, so
+            // that each broadcast of `A` feeds both vectors.
+            let remaining = (n - column - LANES) as i32;
+            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(remaining), lanes);
+            column_block::<4, 2, true>(&operands, column, mask);
+            return;
+        }
         if column + LANES <= n {
             column_block::<8, 1, false>(&operands, column, all);
             column += LANES;
@@ -213,8 +223,8 @@ mod fma_product {
         out_row_stride: usize,
     }
 
-    /// Computes the `8 V` output columns from `column` on, in tiles of `R` rows and then
-    /// of 1 row.
+    /// Computes the `8 V` output columns from `column` on (fewer with `MASKED`), in tiles of
+    /// `R` rows and then of 1 row.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn column_block<const R: usize, const V: usize, const MASKED: bool>(
         operands: &Operands,
@@ -232,8 +242,8 @@ mod fma_product {
         }
     }
 
-    /// Computes the `R x (8 V)` output tile at `(row, column)`. With `MASKED`, only the
-    /// lanes of `mask` are read from `B` and written to the output.
+    /// Computes the `R x (8 V)` output tile at `(row, column)`. With `MASKED`, the last 8
+    /// columns read from `B` and write to the output only the lanes of `mask`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile<const R: usize, const V: usize, const MASKED: bool>(
@@ -251,7 +261,7 @@ mod fma_product {
             let b_row = b.add(inner * operands.b_row_stride);
             let mut b_values = [_mm256_setzero_ps(); V];
             for (vector, value) in b_values.iter_mut().enumerate() {
-                *value = if MASKED {
+                *value = if MASKED && vector == V - 1 {
                     _mm256_maskload_ps(b_row.add(vector * LANES), mask)
                 } else {
                     _mm256_loadu_ps(b_row.add(vector * LANES))
@@ -275,7 +285,7 @@ mod fma_product {
                 .add((row + tile_row) * operands.out_row_stride + column);
             for (vector, &sum) in row_sums.iter().enumerate() {
                 let value = _mm256_mul_ps(sum, alpha);
-                if MASKED {
+                if MASKED && vector == V - 1 {
                     _mm256_maskstore_ps(out_row.add(vector * LANES), mask, value);
                 } else {
                     _mm256_storeu_ps(out_row.add(vector * LANES), value);
@@ -387,8 +397,8 @@ fn derivative(activation: Activation, x: f32, activated: f32) -> f32 {
 struct LayerRow<'r> {
     /// `z_l`, updated in place.
     activities: &'r mut [f32],
-    /// `phi(z_l)`, updated with the activities.
-    activated: &'r mut [f32],
+    /// `phi(z_l)` before the step.
+    activated: &'r [f32],
     /// `e_l`.
     own_error: &'r [f32],
     /// `e_(l+1)`, read only when layer `l + 1` has a skip (and so the same width).
@@ -398,9 +408,9 @@ struct LayerRow<'r> {
 }
 
 /// Takes the step `z <- z - step_size * dE/dz` on one row, with
-/// `dE/dz = e_l - phi'(z) feedback - s_(l+1) e_(l+1)` computed in the core's order, and
-/// recomputes `phi(z)`. Returns whether any activity changed and the number of non-finite
-/// results (feedback, gradient, change and new activity, as the core counts them).
+/// `dE/dz = e_l - phi'(z) feedback - s_(l+1) e_(l+1)` computed in the core's order. Returns
+/// whether any activity changed and the number of non-finite results (feedback, gradient,
+/// change and new activity, as the core counts them). The caller recomputes `phi(z)`.
 #[inline(always)]
 fn step_row_portable<const SKIP: bool>(
     activation: Activation,
@@ -414,11 +424,11 @@ fn step_row_portable<const SKIP: bool>(
         let values = row
             .activities
             .iter_mut()
-            .zip(row.activated.iter_mut())
+            .zip(&row.activated[..width])
             .zip(&row.own_error[..width])
             .zip(&row.feedback[..width]);
-        for (index, (((z, activated), &own_error), &feedback)) in values.enumerate() {
-            let slope = derivative(ACT, *z, *activated);
+        for (index, (((z, &activated), &own_error), &feedback)) in values.enumerate() {
+            let slope = derivative(ACT, *z, activated);
             let mut gradient = 0.0 + own_error;
             gradient += -slope * feedback;
             if SKIP {
@@ -432,7 +442,6 @@ fn step_row_portable<const SKIP: bool>(
                 + u32::from(!updated.is_finite());
             changed |= updated != *z;
             *z = updated;
-            *activated = f32::activate(ACT, updated);
         }
         (changed, non_finite)
     })
@@ -501,12 +510,91 @@ fn error_row_portable<const SKIP: bool>(
     }
 }
 
+/// One layer's rows of the samples of a part during an inference step, row-major.
+struct LayerRows<'r> {
+    width: usize,
+    /// Width of layer `l + 1`.
+    next_width: usize,
+    activities: &'r mut [f32],
+    activated: &'r [f32],
+    own_error: &'r [f32],
+    next_error: &'r [f32],
+    feedback: &'r [f32],
+}
+
+/// Runs [`step_row_portable`] on each row `sample` for which `selected(sample)` is true, and
+/// passes its results to `results`. One call covers the layer, so the row loop compiles into
+/// the AVX2 copy.
+#[inline(always)]
+fn step_rows_portable<const SKIP: bool>(
+    activation: Activation,
+    step_size: f32,
+    rows: LayerRows<'_>,
+    selected: impl Fn(usize) -> bool,
+    mut results: impl FnMut(usize, bool, u32),
+) {
+    let (width, next_width) = (rows.width, rows.next_width);
+    for (sample, activities) in rows.activities.chunks_exact_mut(width).enumerate() {
+        if !selected(sample) {
+            continue;
+        }
+        let span = sample * width..(sample + 1) * width;
+        let row = LayerRow {
+            activities,
+            activated: &rows.activated[span.clone()],
+            own_error: &rows.own_error[span.clone()],
+            next_error: &rows.next_error[sample * next_width..(sample + 1) * next_width],
+            feedback: &rows.feedback[span],
+        };
+        let (changed, non_finite) = step_row_portable::<SKIP>(activation, step_size, row);
+        results(sample, changed, non_finite);
+    }
+}
+
+/// One layer's rows of the samples of a part while its errors are recomputed, row-major.
+struct ErrorRows<'r> {
+    width: usize,
+    /// Width of layer `l - 1`.
+    input_width: usize,
+    /// `mu_l` without the skip input.
+    prediction: &'r [f32],
+    /// `z_(l-1)`, read only when layer `l` has a skip (and so the same width).
+    input: &'r [f32],
+    activities: &'r [f32],
+    errors: &'r mut [f32],
+}
+
+/// Runs [`error_row_portable`] on each row `sample` for which `selected(sample)` is true, and
+/// passes its results to `results`. One call covers the layer, so the row loop compiles into
+/// the AVX2 copy.
+#[inline(always)]
+fn error_rows_portable<const SKIP: bool>(
+    rows: ErrorRows<'_>,
+    selected: impl Fn(usize) -> bool,
+    mut results: impl FnMut(usize, RowErrors),
+) {
+    let (width, input_width) = (rows.width, rows.input_width);
+    for (sample, error) in rows.errors.chunks_exact_mut(width).enumerate() {
+        if !selected(sample) {
+            continue;
+        }
+        let span = sample * width..(sample + 1) * width;
+        let result = error_row_portable::<SKIP>(
+            &rows.prediction[span.clone()],
+            &rows.input[sample * input_width..],
+            &rows.activities[span],
+            error,
+        );
+        results(sample, result);
+    }
+}
+
 /// Copies of the row functions compiled with AVX2, which process 8 values per instruction
 /// where the portable build has SSE2's 4. Without fused multiply-adds the results are the
 /// same bits.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Activation, LayerRow, RowErrors};
+    use super::{Activation, ErrorRows, LayerRows, RowErrors};
 
     #[target_feature(enable = "avx2")]
     pub(super) fn activate_row(activation: Activation, input: &[f32], out: &mut [f32]) {
@@ -514,24 +602,28 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2")]
-    pub(super) fn step_row<const SKIP: bool>(
+    pub(super) fn step_rows<const SKIP: bool>(
         activation: Activation,
         step_size: f32,
-        row: LayerRow<'_>,
-    ) -> (bool, u32) {
-        super::step_row_portable::<SKIP>(activation, step_size, row)
+        rows: LayerRows<'_>,
+        selected: impl Fn(usize) -> bool,
+        results: impl FnMut(usize, bool, u32),
+    ) {
+        super::step_rows_portable::<SKIP>(activation, step_size, rows, selected, results)
     }
 
     #[target_feature(enable = "avx2")]
-    pub(super) fn error_row<const SKIP: bool>(
-        prediction: &[f32],
-        input: &[f32],
-        activities: &[f32],
-        error: &mut [f32],
-    ) -> RowErrors {
-        super::error_row_portable::<SKIP>(prediction, input, activities, error)
+    pub(super) fn error_rows<const SKIP: bool>(
+        rows: ErrorRows<'_>,
+        selected: impl Fn(usize) -> bool,
+        results: impl FnMut(usize, RowErrors),
+    ) {
+        super::error_rows_portable::<SKIP>(rows, selected, results)
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+mod tanh_avx2;
 
 /// Returns whether the row functions can run their AVX2 copies on this CPU.
 #[cfg(target_arch = "x86_64")]
@@ -542,6 +634,11 @@ fn has_avx2() -> bool {
 /// Writes `phi(x)` for every `x` of `input`, with the core's `f32` activation.
 fn activate_row(activation: Activation, input: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
+    if has_avx2() && activation == Activation::Tanh {
+        // SAFETY: the CPU supports AVX2, checked at run time.
+        return unsafe { tanh_avx2::activate_row(input, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU supports AVX2, checked at run time.
         return unsafe { avx2::activate_row(activation, input, out) };
@@ -549,33 +646,34 @@ fn activate_row(activation: Activation, input: &[f32], out: &mut [f32]) {
     activate_row_portable(activation, input, out)
 }
 
-/// See [`step_row_portable`].
-fn step_row<const SKIP: bool>(
+/// See [`step_rows_portable`].
+fn step_rows<const SKIP: bool>(
     activation: Activation,
     step_size: f32,
-    row: LayerRow<'_>,
-) -> (bool, u32) {
+    rows: LayerRows<'_>,
+    selected: impl Fn(usize) -> bool,
+    results: impl FnMut(usize, bool, u32),
+) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU supports AVX2, checked at run time.
-        return unsafe { avx2::step_row::<SKIP>(activation, step_size, row) };
+        return unsafe { avx2::step_rows::<SKIP>(activation, step_size, rows, selected, results) };
     }
-    step_row_portable::<SKIP>(activation, step_size, row)
+    step_rows_portable::<SKIP>(activation, step_size, rows, selected, results)
 }
 
-/// See [`error_row_portable`].
-fn error_row<const SKIP: bool>(
-    prediction: &[f32],
-    input: &[f32],
-    activities: &[f32],
-    error: &mut [f32],
-) -> RowErrors {
+/// See [`error_rows_portable`].
+fn error_rows<const SKIP: bool>(
+    rows: ErrorRows<'_>,
+    selected: impl Fn(usize) -> bool,
+    results: impl FnMut(usize, RowErrors),
+) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU supports AVX2, checked at run time.
-        return unsafe { avx2::error_row::<SKIP>(prediction, input, activities, error) };
+        return unsafe { avx2::error_rows::<SKIP>(rows, selected, results) };
     }
-    error_row_portable::<SKIP>(prediction, input, activities, error)
+    error_rows_portable::<SKIP>(rows, selected, results)
 }
 
 /// Layer sizes and inference settings shared by the threads of one batch.
@@ -713,11 +811,6 @@ impl Part<'_> {
         }
     }
 
-    fn errors_are_zero(&self, sample: usize, layer: usize, depth: usize) -> bool {
-        let base = sample * (depth + 1);
-        self.zero_errors[base + layer] && self.zero_errors[base + layer + 1]
-    }
-
     /// Takes one gradient step on every free layer of every active sample, and records in
     /// `lowest_changed` the lowest layer whose activities changed.
     fn step_free_layers(&mut self, shapes: &Shapes<'_>) {
@@ -727,15 +820,15 @@ impl Part<'_> {
         for sample in self.samples.iter_mut() {
             sample.lowest_changed = NO_LAYER;
         }
+        let zero_errors = &*self.zero_errors;
         for layer in 1..depth {
             // A layer whose own and next errors are all zero has a zero gradient. The core
             // skips it, so a sample's activities there keep their bits.
-            let updated: Vec<bool> = (0..rows)
-                .map(|sample| {
-                    self.samples[sample].active && !self.errors_are_zero(sample, layer, depth)
-                })
-                .collect();
-            if !updated.contains(&true) {
+            let stepped = |state: SampleState, sample: usize| {
+                let base = sample * (depth + 1);
+                state.active && !(zero_errors[base + layer] && zero_errors[base + layer + 1])
+            };
+            if !(0..rows).any(|sample| stepped(self.samples[sample], sample)) {
                 continue;
             }
             let width = shapes.widths[layer];
@@ -747,27 +840,50 @@ impl Part<'_> {
                 Matrix::row_major(shapes.network.layer_weights(layer + 1), next_width, width),
                 feedback,
             );
-            let skip = shapes.skips[layer + 1];
+            let layer_rows = LayerRows {
+                width,
+                next_width,
+                activities: &mut self.activities[layer][..rows * width],
+                activated: &self.activated[layer][..rows * width],
+                own_error: &self.errors[layer][..rows * width],
+                next_error: &self.errors[layer + 1][..rows * next_width],
+                feedback,
+            };
+            // Cells, so that the selection reads the states that the results write.
+            let states = Cell::from_mut(&mut *self.samples).as_slice_of_cells();
             let overflows = &mut self.overflows[layer - 1];
-            for sample in (0..rows).filter(|&sample| updated[sample]) {
-                let span = sample * width..(sample + 1) * width;
-                let next_span = sample * next_width..(sample + 1) * next_width;
-                let row = LayerRow {
-                    activities: &mut self.activities[layer][span.clone()],
-                    activated: &mut self.activated[layer][span.clone()],
-                    own_error: &self.errors[layer][span.clone()],
-                    next_error: &self.errors[layer + 1][next_span],
-                    feedback: &feedback[span],
-                };
-                let (changed, non_finite) = if skip {
-                    step_row::<true>(shapes.activation, step_size, row)
-                } else {
-                    step_row::<false>(shapes.activation, step_size, row)
-                };
+            let selected = |sample: usize| stepped(states[sample].get(), sample);
+            let results = |sample: usize, changed: bool, non_finite: u32| {
                 *overflows += non_finite;
-                let state = &mut self.samples[sample];
+                let mut state = states[sample].get();
                 if changed && state.lowest_changed == NO_LAYER {
                     state.lowest_changed = layer;
+                    states[sample].set(state);
+                }
+            };
+            if shapes.skips[layer + 1] {
+                step_rows::<true>(shapes.activation, step_size, layer_rows, selected, results);
+            } else {
+                step_rows::<false>(shapes.activation, step_size, layer_rows, selected, results);
+            }
+
+            // phi(z) of each run of consecutive stepped rows in one call, so that the loop
+            // runs long. A row whose activities did not change gets the same bits again.
+            let mut sample = 0;
+            while sample < rows {
+                let start = sample;
+                while sample < rows && stepped(states[sample].get(), sample) {
+                    sample += 1;
+                }
+                if sample > start {
+                    let span = start * width..sample * width;
+                    activate_row(
+                        shapes.activation,
+                        &self.activities[layer][span.clone()],
+                        &mut self.activated[layer][span],
+                    );
+                } else {
+                    sample += 1;
                 }
             }
         }
@@ -804,26 +920,31 @@ impl Part<'_> {
                 );
                 out
             };
-            let skip = shapes.skips[layer];
+            let layer_rows = ErrorRows {
+                width,
+                input_width,
+                prediction: &prediction[..rows * width],
+                input: &self.activities[layer - 1][..rows * input_width],
+                activities: &self.activities[layer][..rows * width],
+                errors: &mut self.errors[layer][..rows * width],
+            };
+            let samples = &*self.samples;
+            let selected = |sample: usize| {
+                let state = &samples[sample];
+                recomputed(state) && state.lowest_changed <= layer
+            };
             let overflows = &mut self.overflows[layer - 1];
-            for sample in 0..rows {
-                let state = &self.samples[sample];
-                if !recomputed(state) || state.lowest_changed > layer {
-                    continue;
-                }
-                let span = sample * width..(sample + 1) * width;
-                let input = &self.activities[layer - 1][sample * input_width..];
-                let z = &self.activities[layer][span.clone()];
-                let error = &mut self.errors[layer][span.clone()];
-                let prediction = &prediction[span];
-                let result = if skip {
-                    error_row::<true>(prediction, input, z, error)
-                } else {
-                    error_row::<false>(prediction, input, z, error)
-                };
+            let zero_errors = &mut *self.zero_errors;
+            let squared_errors = &mut *self.squared_errors;
+            let results = |sample: usize, result: RowErrors| {
                 *overflows += result.non_finite;
-                self.zero_errors[sample * (depth + 1) + layer] = result.all_zero;
-                self.squared_errors[sample * (depth + 1) + layer] = result.squares;
+                zero_errors[sample * (depth + 1) + layer] = result.all_zero;
+                squared_errors[sample * (depth + 1) + layer] = result.squares;
+            };
+            if shapes.skips[layer] {
+                error_rows::<true>(layer_rows, selected, results);
+            } else {
+                error_rows::<false>(layer_rows, selected, results);
             }
         }
         self.sum_energies(shapes);
@@ -1132,6 +1253,15 @@ impl BatchedF32 {
         &self.activities[layer][sample * width..(sample + 1) * width]
     }
 
+    /// Activities `z_layer` of every sample of the last batch, one row per sample.
+    ///
+    /// # Panics
+    ///
+    /// When `layer` is above the depth.
+    pub fn layer_activities(&self, layer: usize) -> &[f32] {
+        &self.activities[layer][..self.batch * self.widths[layer]]
+    }
+
     /// Errors `e_layer` (`layer` from 1) of sample `sample` of the last batch.
     ///
     /// # Panics
@@ -1260,6 +1390,8 @@ mod tests {
             (7, 4, 16),
             (9, 33, 26),
             (32, 10, 10),
+            (6, 7, 15),
+            (4, 12, 31),
         ] {
             let a: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 7) % 13) as f32 * 0.25 - 1.5)

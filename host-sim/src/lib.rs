@@ -2,6 +2,7 @@
 //!
 //! The `pcsim` binary is a thin command line over these modules.
 
+pub mod adam_f32;
 pub mod batched;
 pub mod bench;
 mod bench_page;
