@@ -212,6 +212,124 @@ fn memory_section(out: &mut String, memories: &[Memory]) {
     out.push('\n');
 }
 
+/// Maximum instructions per multiply-accumulate of the products on the Cortex-M4, per format.
+const MAC_TARGETS: [(&str, &str, f64); 2] = [
+    ("i4f12", "16-bit `I4F12`", 1.0),
+    ("i16f16", "`I16F16`", 2.0),
+];
+
+/// Maximum static RAM per byte of weights, activities and errors.
+const RAM_TARGET: f64 = 1.05;
+
+/// Returns "yes" when every value is at most `limit`, else "no".
+fn verdict(values: &[Option<f64>], limit: f64) -> &'static str {
+    if !values.is_empty()
+        && values
+            .iter()
+            .all(|value| value.is_some_and(|value| value <= limit))
+    {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+fn targets_section(out: &mut String, figures: &Figures<'_>) {
+    out.push_str(
+        "## Targets\n\n\
+         Each figure comes from the sections below. For the products, the `digits` (64x64) \
+         figure comes first and the `wide` (256x256) one second.\n\n\
+         | target | limit | measured | met |\n|---|---|---|---|\n",
+    );
+    let mac = |format: &str, region: &str| -> Vec<Option<f64>> {
+        ["digits", "wide"]
+            .iter()
+            .map(|network| {
+                find(figures.counts, network, format, region)
+                    .map(|count| count.instructions as f64 / count.work.max(1) as f64)
+            })
+            .collect()
+    };
+    let listed = |values: &[Option<f64>], digits: usize| -> String {
+        let texts: Vec<String> = values
+            .iter()
+            .map(|value| value.map_or("-".into(), |value| format!("{value:.digits$}")))
+            .collect();
+        texts.join(", ")
+    };
+
+    for (format, name, limit) in MAC_TARGETS {
+        for (region, product) in [
+            ("matrix_product", "matrix product"),
+            ("transposed_product", "transposed product"),
+        ] {
+            let values = mac(format, region);
+            row(
+                out,
+                &[
+                    format!("{name} {product} on the Cortex-M4, instructions per MAC"),
+                    format!("{limit:.1}"),
+                    listed(&values, 2),
+                    verdict(&values, limit).into(),
+                ],
+            );
+        }
+    }
+
+    let ratios: Vec<Option<f64>> = figures
+        .memories
+        .iter()
+        .map(|memory| Some(memory.static_ram_bytes as f64 / memory.state_bytes.max(1) as f64))
+        .collect();
+    let largest = ratios
+        .iter()
+        .flatten()
+        .copied()
+        .fold(None, |most: Option<f64>, ratio| {
+            Some(most.map_or(ratio, |most| most.max(ratio)))
+        });
+    row(
+        out,
+        &[
+            "static RAM over weights + activities + errors, largest over the firmware builds"
+                .into(),
+            format!("{RAM_TARGET:.2}"),
+            listed(&[largest], 3),
+            verdict(&ratios, RAM_TARGET).into(),
+        ],
+    );
+
+    let (jpc_low, _) = JPC_SECONDS_PER_EPOCH;
+    let batched = figures
+        .throughputs
+        .iter()
+        .find(|throughput| throughput.path == "batched")
+        .map(|throughput| throughput.seconds_per_epoch);
+    let epoch_limit = jpc_low / JPC_SPEEDUP_TARGET;
+    row(
+        out,
+        &[
+            format!(
+                "host `f32` training, seconds per epoch on JPC's settings ({JPC_SPEEDUP_TARGET} \
+                 times JPC's fastest)"
+            ),
+            format!("{epoch_limit:.3}"),
+            listed(&[batched], 3),
+            verdict(&[batched], epoch_limit).into(),
+        ],
+    );
+
+    out.push_str(
+        "\nThe 16-bit transposed product cannot reach 1.0 with row-major weights. A weight word \
+         holds two columns of one row, and every dual multiply (`SMLAD` and its variants) adds \
+         both halves of a word into one accumulator, while the transposed product needs them in \
+         two different outputs. So each product takes its own `SMLA<x><y>`, or half of a \
+         `PKHBT`/`PKHTB` repack plus half an `SMLAD`: one instruction before any load, row step \
+         or loop. Reaching 1.0 would take a second, transposed copy of the weights, which \
+         doubles their RAM against the RAM target.\n\n",
+    );
+}
+
 /// Seconds per epoch of JPC with the settings of [`host_section`], as the maintainers
 /// measured them (lowest and highest).
 const JPC_SECONDS_PER_EPOCH: (f64, f64) = (0.07, 0.11);
@@ -338,6 +456,7 @@ pub(crate) fn render(figures: &Figures<'_>) -> String {
          or two counting runs differ.\n\n",
     );
     let _ = writeln!(out, "Machine: {}.\n", figures.machine);
+    targets_section(&mut out, figures);
     board_section(&mut out, figures.counts);
     memory_section(&mut out, figures.memories);
     host_section(&mut out, figures);
@@ -378,6 +497,49 @@ mod tests {
         let mut out = String::new();
         host_section(&mut out, &figures);
         out
+    }
+
+    #[test]
+    fn verdict_needs_every_value_within_limit() {
+        assert_eq!(verdict(&[Some(0.9), Some(1.0)], 1.0), "yes");
+        assert_eq!(verdict(&[Some(0.9), Some(1.1)], 1.0), "no");
+        assert_eq!(verdict(&[Some(0.9), None], 1.0), "no");
+        assert_eq!(verdict(&[], 1.0), "no");
+    }
+
+    #[test]
+    fn targets_section_reports_transposed_miss() {
+        let region = |format: &str, region: &str, instructions| RegionCount {
+            network: "digits".into(),
+            format: format.into(),
+            region: region.into(),
+            work: 100,
+            instructions,
+        };
+        let counts = BoardCounts {
+            regions: vec![
+                region("i4f12", "matrix_product", 90),
+                region("i4f12", "transposed_product", 150),
+            ],
+            stacks: Vec::new(),
+            overhead: 0,
+            repeatable: true,
+        };
+        let figures = Figures {
+            machine: "test machine",
+            counts: &counts,
+            memories: &[],
+            throughputs: &[throughput("batched", 0.010)],
+            early: &[],
+            criterion: &[],
+        };
+        let mut page = String::new();
+        targets_section(&mut page, &figures);
+        assert!(
+            page.contains("| 16-bit `I4F12` transposed product on the Cortex-M4, instructions per MAC | 1.0 | 1.50, - | no |"),
+            "{page}"
+        );
+        assert!(page.contains("| 0.014 | 0.010 | yes |"), "{page}");
     }
 
     #[test]
