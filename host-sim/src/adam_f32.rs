@@ -97,9 +97,8 @@ fn update_portable(
     non_finite
 }
 
-/// [`update_portable`] compiled with AVX, which processes 8 values per instruction where the
-/// portable build has SSE2's 4. AVX has no fused multiply-add, so the results are the same
-/// bits.
+/// Runs [`update_portable`] compiled with AVX, which processes 8 values per instruction where
+/// the portable build has SSE2's 4. AVX has no fused multiply-add, so the bits are the same.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
 fn update_avx(
