@@ -209,6 +209,7 @@ mod products;
 #[cfg(fixedpc_dsp)]
 pub(crate) use products::{
     matrix_product_q12, matrix_product_q16, transposed_product_q12, transposed_product_q16,
+    vector_bounded_q16,
 };
 
 #[cfg(fixedpc_dsp)]

@@ -556,7 +556,7 @@ impl Scalar for I16F16 {
         out: &mut [Self],
         overflows: &mut u32,
     ) {
-        if !partial_sums_fit_i64(vector) {
+        if !sums_fit_i64(vector) {
             for (row, value) in matrix.chunks_exact(vector.len()).zip(out.iter_mut()) {
                 *value = Self::acc_scale_round(Self::dot(row, vector), scale, overflows);
             }
@@ -589,7 +589,7 @@ impl Scalar for I16F16 {
         overflows: &mut u32,
     ) {
         let columns = out.len();
-        if partial_sums_fit_i64(vector) {
+        if sums_fit_i64(vector) {
             #[cfg(fixedpc_dsp)]
             if scale == I16F16::ONE
                 && kernels::transposed_product_q16(
@@ -735,6 +735,17 @@ impl Scalar for I16F16 {
         let updated = weight.to_bits() as i128 - update;
         *weight = I16F16::from_bits(saturate_i128(updated, overflows));
     }
+}
+
+/// [`partial_sums_fit_i64`], with a faster test on `thumbv7em` that may answer `false` for a
+/// vector that fits, in which case the exact test decides.
+#[inline(always)]
+fn sums_fit_i64(vector: &[I16F16]) -> bool {
+    #[cfg(fixedpc_dsp)]
+    if kernels::vector_bounded_q16(bytemuck::cast_slice(vector)) {
+        return true;
+    }
+    partial_sums_fit_i64(vector)
 }
 
 /// Returns whether every partial sum of `sum_k w_k x_k` over raw Q16.16 values fits an `i64`,

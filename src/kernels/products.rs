@@ -19,13 +19,10 @@
 //! that a loop does not need in registers live on the stack, where one `LDM` from `sp` reloads
 //! them at the start of each row or group of columns.
 
-// NOTE: on Cortex-M4 (QEMU mps2-an386, `scripts/bench`), the transposed products measured
-// 1.53 (64x64) and 1.47 (256x256) instructions per multiply-accumulate for `I4F12`, and 2.06
-// and 1.90 for `I16F16`, against targets of 1.0 and 2.0. A weight word contains two columns
-// of one row, so each 16-bit product needs its own `SMLA<x><y>`, and `I4F12` cannot reach 1.0
-// from row-major weights. For `I16F16` at 64 rows, the rounding and loop state of each group
-// of columns and the caller's pass over the vector add about 0.2 to the 1.85 of the inner
-// loop.
+// NOTE: on Cortex-M4 (QEMU mps2-an386, `scripts/bench`), the `I4F12` transposed product
+// measured 1.53 (64x64) and 1.47 (256x256) instructions per multiply-accumulate, against a
+// target of 1.0. A weight word contains two columns of one row, so each 16-bit product needs
+// its own `SMLA<x><y>`, and row-major weights cannot reach 1.0.
 use core::arch::asm;
 
 /// The sticky saturation bit (Q) of the APSR.
@@ -266,6 +263,89 @@ pub(crate) fn matrix_product_q16(matrix: &[i32], vector: &[i32], out: &mut [i32]
         }
     };
 
+    status & Q_FLAG == 0
+}
+
+/// Returns `true` when every value of `vector` lies in `[-2^b, 2^b)`, where `b` is 25, 23,
+/// 21, 19 or 15 for lengths up to 64, 256, 1024, 4096 or 65,536, so that `len * 2^b` is at
+/// most `2^31`. Then `sum_k |x_k| < 2^32`, the
+/// bound under which the `I16F16` products sum exactly in 64 bits (see the `scalar` module).
+/// `false` proves nothing: the caller then runs the exact test.
+///
+/// One `SSAT` per value saturates it to `b + 1` bits, and a value out of range sets the sticky
+/// Q flag, so a vector costs about 1.4 instructions per value against about 4 for the exact
+/// sum of magnitudes.
+#[inline(always)]
+pub(crate) fn vector_bounded_q16(vector: &[i32]) -> bool {
+    match vector.len() {
+        0..=64 => bounded::<26>(vector),
+        65..=256 => bounded::<24>(vector),
+        257..=1024 => bounded::<22>(vector),
+        1025..=4096 => bounded::<20>(vector),
+        4097..=65536 => bounded::<16>(vector),
+        _ => false,
+    }
+}
+
+/// [`vector_bounded_q16`] for values of `BITS` bits: `SSAT` on sixteen values per iteration,
+/// loaded by two `LDM`s, then a comparison in Rust for the last `len % 16`.
+#[inline(always)]
+fn bounded<const BITS: u32>(vector: &[i32]) -> bool {
+    const BLOCK: usize = 16;
+    let limit = 1i32 << (BITS - 1);
+    let (blocks, rest) = vector.split_at(vector.len() - vector.len() % BLOCK);
+    if !rest.iter().all(|x| (-limit..limit).contains(x)) {
+        return false;
+    }
+    if blocks.is_empty() {
+        return true;
+    }
+
+    let range = blocks.as_ptr_range();
+    let status: u32;
+    // SAFETY: the loop reads eight words per `LDM` from `range.start` up to `range.end`. Both
+    // lie in `vector` and differ by a non-zero multiple of 64 bytes, and `i32` values are
+    // word-aligned. The loop writes only the declared registers and the flags.
+    unsafe {
+        asm!(
+            "movs r2, #0",
+            "msr APSR_nzcvq, r2",
+            "1:",
+            "ldm r0!, {{r2, r3, r4, r5, r8, r9, r10, r11}}",
+            "ssat r2, #{bits}, r2",
+            "ssat r3, #{bits}, r3",
+            "ssat r4, #{bits}, r4",
+            "ssat r5, #{bits}, r5",
+            "ssat r8, #{bits}, r8",
+            "ssat r9, #{bits}, r9",
+            "ssat r10, #{bits}, r10",
+            "ssat r11, #{bits}, r11",
+            "ldm r0!, {{r2, r3, r4, r5, r8, r9, r10, r11}}",
+            "ssat r2, #{bits}, r2",
+            "ssat r3, #{bits}, r3",
+            "ssat r4, #{bits}, r4",
+            "ssat r5, #{bits}, r5",
+            "ssat r8, #{bits}, r8",
+            "ssat r9, #{bits}, r9",
+            "ssat r10, #{bits}, r10",
+            "ssat r11, #{bits}, r11",
+            "cmp r0, r1",
+            "bne 1b",
+            "mrs r2, APSR",
+            bits = const BITS,
+            inout("r0") range.start => _,
+            in("r1") range.end,
+            out("r2") status,
+            out("r3") _,
+            out("r4") _,
+            out("r5") _,
+            out("r8") _,
+            out("r9") _,
+            out("r10") _,
+            out("r11") _,
+            options(nostack, readonly),
+        );
+    }
     status & Q_FLAG == 0
 }
 
@@ -732,19 +812,37 @@ macro_rules! q16_column3_block_x4 {
     };
 }
 
+/// Thirty-two passes of [`q16_column3_block`], 64 rows.
+macro_rules! q16_column3_block_x32 {
+    () => {
+        concat!(
+            q16_column3_block_x4!(),
+            q16_column3_block_x4!(),
+            q16_column3_block_x4!(),
+            q16_column3_block_x4!(),
+            q16_column3_block_x4!(),
+            q16_column3_block_x4!(),
+            q16_column3_block_x4!(),
+            q16_column3_block_x4!()
+        )
+    };
+}
+
 /// Runs the `I16F16` transposed product on groups of three columns: for each group, passes of
 /// `$block` down the rows, then rounding as [`q16_column_finish`] does and a store through the
 /// output pointer. Evaluates to the APSR at the end.
 ///
-/// `$counter` is as in [`columns_routine`]. After a group, `r0` points `rows * stride` bytes
-/// past the group's first weight, and subtracting `$rewind` (`rows * stride - 12`) moves it to
-/// the next group's first weight. Stack frame after the prologue: the vector pointer, the
-/// counter, the accumulators' start values (the bias, then 0, three times), the output
-/// pointer, the end of the output and `$rewind`. One `LDM` reloads the first eight into `r1`,
-/// `r2` and `r4` to `r9`.
+/// `$counter` is as in [`columns_routine`], and `$next_pass` counts the passes down and
+/// branches back. It is empty when one pass takes all the rows. After a group, `r0` points
+/// `rows * stride` bytes past the group's first weight, and subtracting `$rewind`
+/// (`rows * stride - 12`) moves it to the next group's first weight. Stack frame after the
+/// prologue: the vector pointer, the counter, the accumulators' start values (the bias, then
+/// 0, three times), the output pointer, the end of the output and `$rewind`. One `LDM`
+/// reloads the first eight into `r1`, `r2` and `r4` to `r9`.
 macro_rules! q16_columns3_routine {
     (
         block: $block:expr,
+        next_pass: $next_pass:expr,
         matrix: $matrix:expr,
         vector: $vector:expr,
         counter: $counter:expr,
@@ -767,8 +865,7 @@ macro_rules! q16_columns3_routine {
             "ldm sp, {{r1, r2, r4, r5, r6, r7, r8, r9}}",
             "2:",
             $block,
-            "subs r2, r2, #0x10000",
-            "bcs 2b",
+            $next_pass,
             "lsr r4, r4, #16",
             "orr r4, r4, r5, lsl #16",
             "ssat r5, #16, r5",
@@ -857,22 +954,30 @@ pub(crate) fn transposed_product_q16(matrix: &[i32], vector: &[i32], out: &mut [
 /// the APSR at the end, or `None` when the counter does not fit.
 fn columns3_q16(matrix: &[i32], vector: &[i32], stride: usize, out: &mut [i32]) -> Option<u32> {
     let rows = vector.len();
-    // Each pass runs 16 blocks of two rows when the rows allow, else 4, else 1.
-    let unroll = if rows.is_multiple_of(32) {
+    // Each pass runs 32 blocks of two rows when the rows allow, else 16, 4 or 1. When one pass
+    // takes all the rows, the routine leaves out the pass counter.
+    let blocks = if rows.is_multiple_of(64) {
+        32
+    } else if rows.is_multiple_of(32) {
         16
     } else if rows.is_multiple_of(8) {
         4
     } else {
         1
     };
-    let counter = column_counter(stride, rows / (2 * unroll))?;
+    let passes = rows / (2 * blocks);
+    let counter = column_counter(stride, passes)?;
     let rewind = rows * stride - 12;
     let out_range = out.as_mut_ptr_range();
 
     macro_rules! run {
         ($block:expr) => {
+            run!($block, concat!("subs r2, r2, #0x10000\n", "bcs 2b\n"))
+        };
+        ($block:expr, $next_pass:expr) => {
             q16_columns3_routine!(
                 block: $block,
+                next_pass: $next_pass,
                 matrix: matrix.as_ptr(),
                 vector: vector.as_ptr(),
                 counter: counter,
@@ -891,7 +996,9 @@ fn columns3_q16(matrix: &[i32], vector: &[i32], stride: usize, out: &mut [i32]) 
     // its start to its end. The routine restores `sp`, `r6` and `r7`, and writes only the
     // declared registers, the flags, and its own stack frame.
     let status = unsafe {
-        match unroll {
+        match blocks {
+            32 if passes == 1 => run!(q16_column3_block_x32!(), ""),
+            32 => run!(q16_column3_block_x32!()),
             16 => run!(concat!(
                 q16_column3_block_x4!(),
                 q16_column3_block_x4!(),
@@ -910,7 +1017,7 @@ fn columns3_q16(matrix: &[i32], vector: &[i32], stride: usize, out: &mut [i32]) 
 /// Returns the APSR at the end, or `None` when the counter does not fit.
 fn columns4_q16(matrix: &[i32], vector: &[i32], stride: usize, out: &mut [i32]) -> Option<u32> {
     const COLUMNS: usize = 4;
-    const UNROLL: usize = 8;
+    const UNROLL: usize = 16;
     let rows = vector.len();
     let unrolled = rows.is_multiple_of(UNROLL);
     let passes = if unrolled { rows / UNROLL } else { rows };
@@ -923,6 +1030,14 @@ fn columns4_q16(matrix: &[i32], vector: &[i32], stride: usize, out: &mut [i32]) 
             columns_routine!(
                 bias: 1 << 15,
                 block: concat!(
+                    q16_column_block!(),
+                    q16_column_block!(),
+                    q16_column_block!(),
+                    q16_column_block!(),
+                    q16_column_block!(),
+                    q16_column_block!(),
+                    q16_column_block!(),
+                    q16_column_block!(),
                     q16_column_block!(),
                     q16_column_block!(),
                     q16_column_block!(),

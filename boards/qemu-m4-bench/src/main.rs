@@ -319,11 +319,11 @@ fn check_kernels() {
     defmt::info!("kernel self-test passed: {=u32} cases", cases);
 }
 
-/// Values and shapes of the product self-test: up to 64 rows of up to 64 columns. Rows 8 to
-/// 64 run the unrolled loops of the transposed routines, which take 8, 16 or 32 rows per
+/// Values and shapes of the product self-test: up to 128 rows of up to 64 columns. Rows 8 to
+/// 128 run the unrolled loops of the transposed routines, which take 8, 16, 32 or 64 rows per
 /// pass, with one pass and with several.
-const PRODUCT_VALUES: usize = 64 * 64 + 1;
-const PRODUCT_ROWS: [usize; 14] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 16, 24, 32, 64];
+const PRODUCT_VALUES: usize = 128 * 64 + 1;
+const PRODUCT_ROWS: [usize; 15] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 16, 24, 32, 64, 128];
 const PRODUCT_COLUMNS: [usize; 17] = [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64];
 
 /// Runs [`check_products`] on raw values drawn uniformly below each bound in magnitude:
@@ -337,7 +337,7 @@ where
     let mut cases = 0;
     for &bound in bounds {
         let mut matrix = [R::zeroed(); PRODUCT_VALUES];
-        let mut vector = [R::zeroed(); 66];
+        let mut vector = [R::zeroed(); 130];
         for value in matrix.iter_mut().chain(vector.iter_mut()) {
             let raw = (rng.next_u32() as u64 % (2 * bound)) as i64 - bound as i64;
             let Ok(raw) = R::try_from(raw) else {
@@ -360,8 +360,8 @@ where
 /// counts, on every shape of [`PRODUCT_ROWS`] and [`PRODUCT_COLUMNS`]. Panics on the first
 /// difference.
 fn check_products<S: Scalar>(matrix: &[S], vector: &[S]) -> u32 {
-    let mut out = [S::ZERO; 64];
-    let mut expected = [S::ZERO; 64];
+    let mut out = [S::ZERO; 128];
+    let mut expected = [S::ZERO; 128];
     let mut cases = 0;
     for rows in PRODUCT_ROWS {
         for columns in PRODUCT_COLUMNS {
