@@ -133,10 +133,10 @@ fn board_section(out: &mut String, counts: &BoardCounts) {
          down several columns at a time. `I4F12` takes 1.45 for eight columns in 32-bit \
          accumulators (`LDRD`, `UXTAH` to step to the next row, and `SMLA<x><y>`, 16 rows per \
          iteration). A sum that leaves the `i32` range sends the product to the general path, \
-         as a saturated output does. `I16F16` takes 1.84 for three columns (`LDM` of a row's \
-         three weights, `UXTAH` and `SMLAL`, 64 rows per iteration), and 1.83 when a matrix \
-         has exactly 64 rows, because one pass then takes them all and the routine leaves out \
-         the loop. Columns left over go four at a time, at 1.69 and 2.03. The rest of each figure above is per-row or per-column \
+         as a saturated output does. `I16F16` takes 1.85 for three columns (`LDM` of a row's \
+         three weights, `UXTAH` and `SMLAL`, 32 rows per iteration), and 1.83 when a matrix \
+         has exactly 64 rows, because one unrolled pass then takes them all and the routine \
+         leaves out the loop. Columns left over go four at a time, at 1.69 and 2.03. The rest of each figure above is per-row or per-column \
          work for the loop state, the rounding and the stores. A matrix product spends 8 \
          instructions per row. A transposed product spends 17 per three columns (`I16F16`), \
          25 per eight columns (`I4F12`) or 22 to 25 per four columns. `I16F16` also passes \

@@ -954,9 +954,9 @@ pub(crate) fn transposed_product_q16(matrix: &[i32], vector: &[i32], out: &mut [
 /// the APSR at the end, or `None` when the counter does not fit.
 fn columns3_q16(matrix: &[i32], vector: &[i32], stride: usize, out: &mut [i32]) -> Option<u32> {
     let rows = vector.len();
-    // Each pass runs 32 blocks of two rows when the rows allow, else 16, 4 or 1. When one pass
-    // takes all the rows, the routine leaves out the pass counter.
-    let blocks = if rows.is_multiple_of(64) {
+    // Each pass runs 16 blocks of two rows when the rows allow, else 4 or 1. With 64 rows, one
+    // pass of 32 blocks takes them all, and the routine leaves out the pass counter.
+    let blocks = if rows == 64 {
         32
     } else if rows.is_multiple_of(32) {
         16
@@ -997,8 +997,7 @@ fn columns3_q16(matrix: &[i32], vector: &[i32], stride: usize, out: &mut [i32]) 
     // declared registers, the flags, and its own stack frame.
     let status = unsafe {
         match blocks {
-            32 if passes == 1 => run!(q16_column3_block_x32!(), ""),
-            32 => run!(q16_column3_block_x32!()),
+            32 => run!(q16_column3_block_x32!(), ""),
             16 => run!(concat!(
                 q16_column3_block_x4!(),
                 q16_column3_block_x4!(),
