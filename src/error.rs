@@ -35,6 +35,15 @@ pub enum Error {
         /// Length given.
         actual: usize,
     },
+    /// A transposed copy of the weights differs from the transpose of the weights.
+    TransposedMismatch {
+        /// Layer index (1-based).
+        layer: usize,
+        /// Row of the first differing weight in `W_layer`, an output unit.
+        row: usize,
+        /// Column of the first differing weight in `W_layer`, an input unit.
+        column: usize,
+    },
     /// The batch size is zero or larger than the workspace holds.
     BatchSize {
         /// Batch size requested.
@@ -126,6 +135,8 @@ pub enum Buffer {
     Scratch,
     /// Per-layer overflow counters.
     Overflows,
+    /// Transposed copy of the weights.
+    TransposedWeights,
     /// Weight gradients.
     Gradients,
     /// Optimiser state.
@@ -184,6 +195,11 @@ impl fmt::Display for Error {
                     "{buffer:?} buffer has length {actual}, the network needs {expected}"
                 )
             }
+            Error::TransposedMismatch { layer, row, column } => write!(
+                f,
+                "transposed weights of layer {layer} differ from the weights at row {row}, \
+                 column {column}; write the copy with transpose_weights"
+            ),
             Error::BatchSize {
                 requested,
                 capacity,

@@ -75,5 +75,5 @@ pub use fixed::types::{I16F16, I4F12};
 pub use infer::{ActivityRounding, InferenceConfig, InferenceStats};
 pub use learn::{Adam, Sgd, StochasticSgd, XorShift32};
 pub use model::Model;
-pub use network::{Arch, Network, Parameterisation, Workspace};
+pub use network::{transpose_weights, Arch, Network, Parameterisation, Workspace};
 pub use scalar::{NumericFormat, Scalar};

@@ -361,6 +361,17 @@ impl<'a> Model<'a> {
         total
     }
 
+    /// Stored weights as raw little-endian values, layer by layer, row-major `[n_l][n_(l-1)]`.
+    ///
+    /// On a little-endian target these bytes have the memory layout of a `[S]` slice of the
+    /// file's format, but the slice may not be aligned for `S`.
+    pub fn weight_bytes(&self) -> &'a [u8] {
+        let size = self.header.format.bytes();
+        let start = self.values_offset() + (HEADER_VALUES + self.header.depth) * size;
+        // `parse` checked that the file is exactly this long, the CRC-32 last.
+        &self.bytes[start..self.bytes.len() - 4]
+    }
+
     /// Decodes the weights into `out`.
     ///
     /// # Errors
@@ -491,6 +502,19 @@ mod tests {
         assert_eq!(weights[0], I16F16::from_num(-7) / 8);
         assert_eq!(weights[19], I16F16::from_num(12) / 8);
         assert_eq!(model.inference_config::<I16F16>().unwrap().steps, 20);
+    }
+
+    #[test]
+    fn weight_bytes_are_the_stored_values() {
+        let file = sample_file();
+        let model = Model::parse(&file).unwrap();
+        let mut weights = [I16F16::ZERO; 20];
+        model.weights_into(&mut weights).unwrap();
+        let bytes = model.weight_bytes();
+        assert_eq!(bytes.len(), 20 * 4);
+        for (index, (weight, raw)) in weights.iter().zip(bytes.chunks_exact(4)).enumerate() {
+            assert_eq!(weight.to_bits().to_le_bytes(), raw, "weight {index}");
+        }
     }
 
     #[test]

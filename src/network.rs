@@ -79,6 +79,12 @@ pub const fn inference_memory_bytes(widths: &[usize], value_bytes: usize) -> usi
     values * value_bytes + widths.len() * 4
 }
 
+/// Bytes of network memory in RAM for inference on one sample when the weights and their
+/// transposed copy stay in flash: [`inference_memory_bytes`] without the weights.
+pub const fn inference_ram_bytes(widths: &[usize], value_bytes: usize) -> usize {
+    inference_memory_bytes(widths, value_bytes) - weights_len(widths) * value_bytes
+}
+
 /// Rule that chooses the layer scalings `a_l` and the initial weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -262,11 +268,12 @@ impl<'a> Arch<'a> {
     }
 }
 
-/// A network's shapes with its borrowed weights and scalings.
+/// A network's shapes with its borrowed weights, scalings and optional transposed weights.
 #[derive(Clone, Copy, Debug)]
 pub struct Network<'a, S> {
     pub(crate) arch: Arch<'a>,
     pub(crate) weights: &'a [S],
+    pub(crate) transposed: Option<&'a [S]>,
     pub(crate) scalings: &'a [S],
 }
 
@@ -282,8 +289,48 @@ impl<'a, S: Scalar> Network<'a, S> {
         Ok(Network {
             arch,
             weights,
+            transposed: None,
             scalings,
         })
+    }
+
+    /// Wraps weights and scalings as [`Network::new`] does, together with a transposed copy
+    /// of the weights, such as [`transpose_weights`] writes.
+    ///
+    /// `transposed` has `arch.weights_len()` values. At `arch.weight_offset(l)` it contains
+    /// layer `l`'s `W_l^T`, row-major `[n_(l-1)][n_l]`. Inference then computes the feedback
+    /// `W_(l+1)^T e_(l+1)` as a matrix product over the copy, which runs faster on the
+    /// Cortex-M4 than the transposed product over `W_(l+1)`. In fixed point it does so only
+    /// where the Cortex-M4 matrix routine takes the rows of `W_(l+1)^T`: `n_(l+1)` a multiple
+    /// of 8 (`I4F12`) or 4 (`I16F16`). Inference firmware can keep both copies in flash,
+    /// because its weights do not change.
+    ///
+    /// In `I16F16` and `I4F12`, both products sum exactly and round once, so results and
+    /// overflow counts are bit-identical to those of [`Network::new`]. In `f32` and `f64` the
+    /// matrix product sums in 8 interleaved partial sums while the transposed product sums in
+    /// row order. Results then can differ in the last bits when a layer after the first has 8
+    /// or more units.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BufferLength`] when a slice has the wrong length, and
+    /// [`Error::TransposedMismatch`] at the first value of `transposed` that differs from the
+    /// transpose of `weights`.
+    pub fn with_transposed(
+        arch: Arch<'a>,
+        weights: &'a [S],
+        transposed: &'a [S],
+        scalings: &'a [S],
+    ) -> Result<Self, Error> {
+        let mut network = Network::new(arch, weights, scalings)?;
+        check_len(
+            Buffer::TransposedWeights,
+            arch.weights_len(),
+            transposed.len(),
+        )?;
+        check_transposed(&arch, weights, transposed)?;
+        network.transposed = Some(transposed);
+        Ok(network)
     }
 
     /// Shapes of the network.
@@ -302,6 +349,19 @@ impl<'a, S: Scalar> Network<'a, S> {
         &self.weights[offset..offset + len]
     }
 
+    /// Transposed weights of layer `layer` (1-based), row-major `[n_(layer-1)][n_layer]`, or
+    /// `None` for a network built without the transposed copy.
+    ///
+    /// # Panics
+    ///
+    /// When `layer` is 0 or above the depth.
+    pub fn transposed_layer_weights(&self, layer: usize) -> Option<&'a [S]> {
+        let offset = self.arch.weight_offset(layer);
+        let len = self.arch.width(layer) * self.arch.width(layer - 1);
+        self.transposed
+            .map(|transposed| &transposed[offset..offset + len])
+    }
+
     /// Scaling `a_layer` (1-based).
     ///
     /// # Panics
@@ -310,6 +370,61 @@ impl<'a, S: Scalar> Network<'a, S> {
     pub fn scaling(&self, layer: usize) -> S {
         self.scalings[layer - 1]
     }
+}
+
+/// Writes the transposed copy of `weights` into `out`: for each layer `l`, `W_l^T` row-major
+/// `[n_(l-1)][n_l]` at `arch.weight_offset(l)`, the layout [`Network::with_transposed`] takes.
+///
+/// # Errors
+///
+/// [`Error::BufferLength`] when `weights` or `out` does not have `arch.weights_len()` values.
+pub fn transpose_weights<S: Copy>(
+    arch: &Arch<'_>,
+    weights: &[S],
+    out: &mut [S],
+) -> Result<(), Error> {
+    check_len(Buffer::Weights, arch.weights_len(), weights.len())?;
+    check_len(Buffer::TransposedWeights, arch.weights_len(), out.len())?;
+    for layer in 1..=arch.depth() {
+        let offset = arch.weight_offset(layer);
+        let rows = arch.width(layer);
+        let columns = arch.width(layer - 1);
+        let block = &weights[offset..offset + rows * columns];
+        let transposed = &mut out[offset..offset + rows * columns];
+        for (i, row) in block.chunks_exact(columns).enumerate() {
+            for (j, &weight) in row.iter().enumerate() {
+                transposed[j * rows + i] = weight;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `transposed` is the transpose of `weights`, both of `arch.weights_len()` values.
+/// Two NaNs count as equal, so that a float network with NaN weights still builds.
+fn check_transposed<S: Scalar>(
+    arch: &Arch<'_>,
+    weights: &[S],
+    transposed: &[S],
+) -> Result<(), Error> {
+    for layer in 1..=arch.depth() {
+        let offset = arch.weight_offset(layer);
+        let rows = arch.width(layer);
+        let columns = arch.width(layer - 1);
+        let block = &weights[offset..offset + rows * columns];
+        let copy = &transposed[offset..offset + rows * columns];
+        for (row, values) in block.chunks_exact(columns).enumerate() {
+            for (column, &weight) in values.iter().enumerate() {
+                let copied = copy[column * rows + row];
+                #[allow(clippy::eq_op)]
+                let both_nan = weight != weight && copied != copied;
+                if copied != weight && !both_nan {
+                    return Err(Error::TransposedMismatch { layer, row, column });
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn check_len(buffer: Buffer, expected: usize, actual: usize) -> Result<(), Error> {
@@ -483,6 +598,161 @@ mod tests {
                 input: 4,
                 output: 5
             })
+        );
+    }
+
+    #[test]
+    fn transpose_weights_writes_each_layer() {
+        let widths = [2, 3, 1];
+        let arch = Arch::new(&widths, Activation::Relu, false).unwrap();
+        // Layer 1 is 3x2 and layer 2 is 1x3, both row-major.
+        let weights = [1, 2, 3, 4, 5, 6, 7, 8, 9];
+        let mut transposed = [0; 9];
+        transpose_weights(&arch, &weights, &mut transposed).unwrap();
+        assert_eq!(transposed[..6], [1, 3, 5, 2, 4, 6], "layer 1 as 2x3");
+        assert_eq!(transposed[6..], [7, 8, 9], "layer 2 as 3x1");
+    }
+
+    #[test]
+    fn transpose_weights_matches_layer_blocks() {
+        let widths = [3, 4, 5, 2];
+        let arch = Arch::new(&widths, Activation::Tanh, false).unwrap();
+        let weights: [i32; 42] = core::array::from_fn(|index| index as i32);
+        let mut transposed = [0; 42];
+        transpose_weights(&arch, &weights, &mut transposed).unwrap();
+        for layer in 1..=arch.depth() {
+            let offset = arch.weight_offset(layer);
+            let (rows, columns) = (arch.width(layer), arch.width(layer - 1));
+            for i in 0..rows {
+                for j in 0..columns {
+                    assert_eq!(
+                        transposed[offset + j * rows + i],
+                        weights[offset + i * columns + j],
+                        "layer {layer}, row {i}, column {j}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transpose_weights_rejects_wrong_lengths() {
+        let widths = [2, 3, 1];
+        let arch = Arch::new(&widths, Activation::Relu, false).unwrap();
+        let mut out = [0u8; 9];
+        assert_eq!(
+            transpose_weights(&arch, &[0u8; 8], &mut out),
+            Err(Error::BufferLength {
+                buffer: Buffer::Weights,
+                expected: 9,
+                actual: 8
+            })
+        );
+        assert_eq!(
+            transpose_weights(&arch, &[0u8; 9], &mut [0u8; 10]),
+            Err(Error::BufferLength {
+                buffer: Buffer::TransposedWeights,
+                expected: 9,
+                actual: 10
+            })
+        );
+    }
+
+    #[test]
+    fn with_transposed_rejects_wrong_length() {
+        let widths = [2, 3, 1];
+        let arch = Arch::new(&widths, Activation::Relu, false).unwrap();
+        let weights = [0.5f32; 9];
+        let scalings = [1.0f32; 2];
+        for length in [0, 8, 10, 18] {
+            let transposed = [0.5f32; 18];
+            let result = Network::with_transposed(arch, &weights, &transposed[..length], &scalings);
+            assert_eq!(
+                result.err(),
+                Some(Error::BufferLength {
+                    buffer: Buffer::TransposedWeights,
+                    expected: 9,
+                    actual: length
+                }),
+                "length {length}"
+            );
+        }
+    }
+
+    #[test]
+    fn with_transposed_checks_weights_first() {
+        let widths = [2, 3, 1];
+        let arch = Arch::new(&widths, Activation::Relu, false).unwrap();
+        let result = Network::with_transposed(arch, &[0.5f32; 8], &[0.5; 9], &[1.0; 2]);
+        assert_eq!(
+            result.err(),
+            Some(Error::BufferLength {
+                buffer: Buffer::Weights,
+                expected: 9,
+                actual: 8
+            })
+        );
+    }
+
+    #[test]
+    fn with_transposed_rejects_stale_copy() {
+        let widths = [2, 3, 1];
+        let arch = Arch::new(&widths, Activation::Relu, false).unwrap();
+        let weights: [f32; 9] = core::array::from_fn(|index| index as f32);
+        let mut transposed = [0.0f32; 9];
+        transpose_weights(&arch, &weights, &mut transposed).unwrap();
+        // Layer 1's transposed block is 2x3, so index 4 is row 1, column 1 of W_1^T.
+        transposed[4] = -1.0;
+        let result = Network::with_transposed(arch, &weights, &transposed, &[1.0; 2]);
+        assert_eq!(
+            result.err(),
+            Some(Error::TransposedMismatch {
+                layer: 1,
+                row: 1,
+                column: 1
+            })
+        );
+    }
+
+    #[test]
+    fn with_transposed_accepts_nan_in_both_copies() {
+        let widths = [2, 1];
+        let arch = Arch::new(&widths, Activation::Relu, false).unwrap();
+        let weights = [f32::NAN, 1.0];
+        let network = Network::with_transposed(arch, &weights, &weights, &[1.0]).unwrap();
+        assert!(network.transposed_layer_weights(1).is_some());
+    }
+
+    #[test]
+    fn transposed_layer_weights_returns_blocks() {
+        let widths = [2, 3, 1];
+        let arch = Arch::new(&widths, Activation::Relu, false).unwrap();
+        let weights: [f32; 9] = core::array::from_fn(|index| index as f32);
+        let mut transposed = [0.0f32; 9];
+        transpose_weights(&arch, &weights, &mut transposed).unwrap();
+        let scalings = [1.0f32; 2];
+
+        let plain = Network::new(arch, &weights, &scalings).unwrap();
+        assert_eq!(plain.transposed_layer_weights(1), None);
+        let network = Network::with_transposed(arch, &weights, &transposed, &scalings).unwrap();
+        assert_eq!(
+            network.transposed_layer_weights(1),
+            Some(&[0.0, 2.0, 4.0, 1.0, 3.0, 5.0][..])
+        );
+        assert_eq!(
+            network.transposed_layer_weights(2),
+            Some(&[6.0, 7.0, 8.0][..])
+        );
+        assert_eq!(network.layer_weights(2), &[6.0, 7.0, 8.0]);
+    }
+
+    #[test]
+    fn inference_ram_leaves_out_weights() {
+        let widths = [64, 64, 64, 10];
+        let with_weights = inference_memory_bytes(&widths, 2);
+        assert_eq!(
+            inference_ram_bytes(&widths, 2),
+            with_weights - 2 * weights_len(&widths)
         );
     }
 

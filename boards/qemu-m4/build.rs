@@ -1,7 +1,9 @@
 //! Puts `memory.x` on the linker search path, copies the model and sample files named by
 //! `FIXEDPC_MODEL` and `FIXEDPC_SAMPLES` into `OUT_DIR` for `include_bytes!`, and writes the
 //! model's shapes as constants to `OUT_DIR/shapes.rs`, so the firmware sizes its static
-//! buffers at compile time.
+//! buffers at compile time. It also writes the model's weights and their transposed copy as
+//! raw little-endian values of the model's format (`weights.bin`, `weights-transposed.bin`),
+//! which the firmware reads in place from flash.
 
 use std::env;
 use std::fs;
@@ -21,6 +23,65 @@ fn main() {
     copy_input("FIXEDPC_MODEL", &out_dir.join("model.bin"));
     copy_input("FIXEDPC_SAMPLES", &out_dir.join("samples.bin"));
     write_shapes(&out_dir.join("model.bin"), &out_dir.join("shapes.rs"));
+    write_weights(&out_dir.join("model.bin"), &out_dir);
+}
+
+/// Writes `weights.bin` and `weights-transposed.bin`: the weights of the model, and for each
+/// layer `W_l^T` row-major at the layer's offset, the layout `fixedpc::transpose_weights`
+/// writes. Both are empty when no model is embedded.
+fn write_weights(model_path: &Path, out_dir: &Path) {
+    let bytes = fs::read(model_path)
+        .unwrap_or_else(|error| panic!("failed to read {}: {error}", model_path.display()));
+    let (weights, transposed) = if bytes.is_empty() {
+        (Vec::new(), Vec::new())
+    } else {
+        // `write_shapes` has validated the file and its format.
+        let model = fixedpc::Model::parse(&bytes)
+            .unwrap_or_else(|error| panic!("FIXEDPC_MODEL is not a valid model file: {error}"));
+        match model.header().format {
+            fixedpc::NumericFormat::I16F16 => encode_weights::<fixedpc::I16F16>(&model),
+            fixedpc::NumericFormat::I4F12 => encode_weights::<fixedpc::I4F12>(&model),
+            other => panic!(
+                "FIXEDPC_MODEL is a {} model; this firmware runs i16f16 and i4f12 models",
+                other.name()
+            ),
+        }
+    };
+    for (name, contents) in [
+        ("weights.bin", weights),
+        ("weights-transposed.bin", transposed),
+    ] {
+        let destination = out_dir.join(name);
+        fs::write(&destination, contents)
+            .unwrap_or_else(|error| panic!("failed to write {}: {error}", destination.display()));
+    }
+}
+
+/// Returns the little-endian bytes of the model's weights and of their transposed copy.
+fn encode_weights<S: fixedpc::Scalar>(model: &fixedpc::Model<'_>) -> (Vec<u8>, Vec<u8>) {
+    let header = model.header();
+    let widths: Vec<usize> = (0..=header.depth).map(|layer| model.width(layer)).collect();
+    let arch = fixedpc::Arch::new(&widths, header.activation, header.skip)
+        .unwrap_or_else(|error| panic!("FIXEDPC_MODEL has invalid shapes: {error}"));
+    let mut weights = vec![S::ZERO; model.weights_len()];
+    model
+        .weights_into(&mut weights)
+        .unwrap_or_else(|error| panic!("failed to decode the weights of FIXEDPC_MODEL: {error}"));
+    let mut transposed = vec![S::ZERO; weights.len()];
+    fixedpc::transpose_weights(&arch, &weights, &mut transposed)
+        .unwrap_or_else(|error| panic!("failed to transpose the weights: {error}"));
+    (encode(&weights), encode(&transposed))
+}
+
+/// Returns the values as consecutive little-endian raw values, their layout in memory on the
+/// little-endian Cortex-M4.
+fn encode<S: fixedpc::Scalar>(values: &[S]) -> Vec<u8> {
+    let size = S::FORMAT.bytes();
+    let mut bytes = vec![0u8; values.len() * size];
+    for (value, out) in values.iter().zip(bytes.chunks_exact_mut(size)) {
+        value.write_le(out);
+    }
+    bytes
 }
 
 /// Writes `WIDTHS`, `ACTIVATION_CODE`, `SKIP` and the value type `Value` of the model; an absent

@@ -7,7 +7,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser};
-use fixedpc::network::{activities_len, errors_len, inference_memory_bytes, weights_len};
+use fixedpc::network::{activities_len, errors_len, inference_ram_bytes, weights_len};
 use fixedpc::{NumericFormat, Scalar, I16F16, I4F12};
 use serde::Serialize;
 use serde_json::json;
@@ -87,8 +87,12 @@ pub(crate) struct Memory {
     pub(crate) network: String,
     pub(crate) format: &'static str,
     pub(crate) flash_bytes: u64,
+    /// Bytes of the weights and their transposed copy, which the firmware keeps in flash.
+    pub(crate) flash_weights_bytes: usize,
     pub(crate) static_ram_bytes: u64,
+    /// `fixedpc::network::inference_ram_bytes`: the network's buffers in RAM.
     pub(crate) network_bytes: usize,
+    /// Activities and errors, the state the firmware keeps in RAM.
     pub(crate) state_bytes: usize,
     pub(crate) stack_bytes: u64,
     pub(crate) test_samples: usize,
@@ -244,13 +248,14 @@ fn memory<S: Scalar>(
     )?;
     let widths = &trained.spec.widths;
     let bytes = S::FORMAT.bytes();
-    let state = (weights_len(widths) + activities_len(widths) + errors_len(widths)) * bytes;
+    let state = (activities_len(widths) + errors_len(widths)) * bytes;
     Ok(Memory {
         network: network.to_string(),
         format: S::FORMAT.name(),
         flash_bytes: comparison.board.flash_bytes,
+        flash_weights_bytes: 2 * weights_len(widths) * bytes,
         static_ram_bytes: comparison.board.ram_bytes,
-        network_bytes: inference_memory_bytes(widths, bytes),
+        network_bytes: inference_ram_bytes(widths, bytes),
         state_bytes: state,
         stack_bytes: comparison.board.stack_bytes,
         test_samples: test_set.len(),

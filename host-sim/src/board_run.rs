@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use fixedpc::evaluate::{samples_encoded_len, write_samples};
 use fixedpc::model::encoded_len;
+use fixedpc::network::weights_len;
 use fixedpc::{Arch, Model, Network, NumericFormat, Scalar, I16F16};
 use serde_json::json;
 
@@ -33,7 +34,7 @@ pub struct RunArgs {
     #[command(flatten)]
     pub data: DataArgs,
     /// Run only the first ROWS test rows [default: all that fit in the board's flash next to
-    /// the model]
+    /// the model and its weight copies]
     #[arg(long, value_name = "ROWS")]
     pub test_rows: Option<usize>,
     /// Seconds to wait for the firmware before stopping QEMU
@@ -89,9 +90,13 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
 
     let sample_bytes = samples_encoded_len(1, test_set.feature_count, NumericFormat::I16F16)
         - samples_encoded_len(0, test_set.feature_count, NumericFormat::I16F16);
+    // The firmware embeds the model file and, next to it, the weights and their transposed
+    // copy as raw values.
+    let weight_copies_bytes = 2 * weights_len(&widths) * NumericFormat::I16F16.bytes();
     let free = FLASH_BYTES
         .saturating_sub(CODE_RESERVE_BYTES)
         .saturating_sub(encoded_len(&widths, NumericFormat::I16F16))
+        .saturating_sub(weight_copies_bytes)
         .saturating_sub(samples_encoded_len(
             0,
             test_set.feature_count,
@@ -101,8 +106,9 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
     let rows = args.test_rows.unwrap_or(fit).min(test_set.len());
     if rows > fit {
         return Err(input_error(format!(
-            "--test-rows {rows} is invalid: {rows} samples of {sample_bytes} bytes and the \
-             model do not fit in the board's {FLASH_BYTES} bytes of flash; at most {fit} do"
+            "--test-rows {rows} is invalid: {rows} samples of {sample_bytes} bytes, the model \
+             and its two weight copies do not fit in the board's {FLASH_BYTES} bytes of flash; \
+             at most {fit} do"
         )));
     }
     if rows == 0 {
@@ -113,8 +119,8 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
     }
     if rows < test_set.len() {
         eprintln!(
-            "running the first {rows} of {} test rows, the most that fit next to the model \
-             (--test-rows sets the count)",
+            "running the first {rows} of {} test rows, the most that fit next to the model and \
+             its weight copies (--test-rows sets the count)",
             test_set.len()
         );
     }

@@ -26,8 +26,8 @@ use cortex_m_rt::{entry, exception, ExceptionFrame};
 use defmt_semihosting as _;
 use fixedpc::network::{activities_len, errors_len, scratch_len, weights_len};
 use fixedpc::{
-    kernels, Activation, ActivityRounding, Arch, InferenceConfig, Network, Scalar, Sgd, Workspace,
-    XorShift32, I16F16, I4F12,
+    kernels, transpose_weights, Activation, ActivityRounding, Arch, InferenceConfig, Network,
+    Scalar, Sgd, Workspace, XorShift32, I16F16, I4F12,
 };
 
 #[path = "../../qemu-m4/src/stack.rs"]
@@ -44,9 +44,10 @@ const STEPS: u32 = 20;
 const ARENA_WORDS: usize = arena_words(&WIDE);
 
 const fn arena_words(widths: &[usize]) -> usize {
-    // Weights and gradients, activities, errors, scratch, scalings, input, target, two
-    // product outputs, overflow counters, and one spare word per buffer for rounding up.
-    let values = 2 * weights_len(widths)
+    // Weights, their transposed copy and gradients, activities, errors, scratch, scalings,
+    // input, target, two product outputs, overflow counters, and one spare word per buffer for
+    // rounding up.
+    let values = 3 * weights_len(widths)
         + activities_len(widths)
         + errors_len(widths)
         + scratch_len(widths, 1)
@@ -112,6 +113,7 @@ fn bench_format<S: Scalar + Pod>(name: &str, widths: &[usize], mut arena: &mut [
     let depth = widths.len() - 1;
     let weights_count = weights_len(widths);
     let weights: &mut [S] = carve(&mut arena, weights_count);
+    let transposed_weights: &mut [S] = carve(&mut arena, weights_count);
     let gradients: &mut [S] = carve(&mut arena, weights_count);
     let scalings: &mut [S] = carve(&mut arena, depth);
     let activities: &mut [S] = carve(&mut arena, activities_len(widths));
@@ -153,6 +155,9 @@ fn bench_format<S: Scalar + Pod>(name: &str, widths: &[usize], mut arena: &mut [
     let Ok(arch) = Arch::new(widths, Activation::Relu, false) else {
         defmt::panic!("invalid widths");
     };
+    if transpose_weights(&arch, weights, transposed_weights).is_err() {
+        defmt::panic!("transposed copy does not fit");
+    }
     let Ok(mut workspace) = Workspace::new(&arch, 1, activities, errors, scratch, overflows) else {
         defmt::panic!("workspace does not fit");
     };
@@ -163,6 +168,15 @@ fn bench_format<S: Scalar + Pod>(name: &str, widths: &[usize], mut arena: &mut [
     {
         let Ok(network) = Network::new(arch, weights, scalings) else {
             defmt::panic!("network does not fit");
+        };
+        // The layout of the inference firmware, which keeps both copies in flash. Here they are
+        // in RAM, which QEMU runs with the same instructions.
+        let Ok(copied) = Network::with_transposed(arch, weights, transposed_weights, scalings)
+        else {
+            defmt::panic!("network with the transposed copy does not fit");
+        };
+        let Some(transposed_layer) = copied.transposed_layer_weights(2) else {
+            defmt::panic!("network has no transposed copy");
         };
         measure(name, format, "calibration", 1, || ());
 
@@ -194,6 +208,11 @@ fn bench_format<S: Scalar + Pod>(name: &str, widths: &[usize], mut arena: &mut [
                 transposed,
                 &mut sink,
             )
+        });
+        // The same W^T e as a matrix product over layer 2's block of the transposed copy, as
+        // inference runs it with `Network::with_transposed`.
+        measure(name, format, "transposed_copy_product", hidden, || {
+            S::matrix_product(transposed_layer, product, S::ONE, transposed, &mut sink)
         });
         measure(name, format, "feedforward", weights_count, || {
             network.feedforward(&mut workspace, 0, input).is_ok()

@@ -5,6 +5,11 @@
 //! with its own run, and the stack high-water mark. Shapes and the numeric format come from the
 //! model at build time, so every buffer is a static of known size.
 //!
+//! The weights stay in flash: `build.rs` writes them and their transposed copy in the memory
+//! layout of the format, and the network borrows both in place. The copy makes each
+//! `W^T e` of inference a matrix product, which runs faster than the transposed product.
+//! RAM contains the scalings, activities, errors, scratch and the current sample.
+//!
 //! Logs go out as defmt frames over semihosting. The firmware ends through semihosting
 //! `SYS_EXIT_EXTENDED`, so QEMU exits with one of the `EXIT_*` codes below.
 
@@ -24,9 +29,7 @@ use cortex_m_rt::{entry, exception, ExceptionFrame};
 // Registers the defmt global logger.
 use defmt_semihosting as _;
 use fixedpc::evaluate::{evaluate_sample, SampleSet, TestChecksum};
-use fixedpc::network::{
-    activities_len, errors_len, inference_memory_bytes, scratch_len, weights_len,
-};
+use fixedpc::network::{activities_len, errors_len, inference_ram_bytes, scratch_len, weights_len};
 use fixedpc::{Activation, Arch, InferenceConfig, Model, Network, Workspace};
 
 /// Shapes of the embedded model, written by `build.rs`.
@@ -44,16 +47,15 @@ const WEIGHTS: usize = weights_len(&WIDTHS);
 const ACTIVITIES: usize = activities_len(&WIDTHS);
 const ERRORS: usize = errors_len(&WIDTHS);
 const SCRATCH: usize = scratch_len(&WIDTHS, 1);
-/// Bytes of network memory the core needs for inference, from the shapes alone.
-const NETWORK_BYTES: usize = inference_memory_bytes(&WIDTHS, core::mem::size_of::<Value>());
+/// Bytes of network memory in RAM the core needs for inference, from the shapes alone.
+const NETWORK_RAM_BYTES: usize = inference_ram_bytes(&WIDTHS, core::mem::size_of::<Value>());
 const ACTIVATION: Activation = match Activation::from_code(ACTIVATION_CODE) {
     Some(activation) => activation,
     None => panic!("build.rs wrote an invalid activation code"),
 };
 
-/// Every buffer the network borrows, in one static.
+/// Every buffer in RAM that the network borrows, in one static.
 struct Buffers {
-    weights: [Value; WEIGHTS],
     scalings: [Value; DEPTH],
     activities: [Value; ACTIVITIES],
     errors: [Value; ERRORS],
@@ -65,7 +67,6 @@ struct Buffers {
 
 impl Buffers {
     const ZEROED: Buffers = Buffers {
-        weights: [Value::ZERO; WEIGHTS],
         scalings: [Value::ZERO; DEPTH],
         activities: [Value::ZERO; ACTIVITIES],
         errors: [Value::ZERO; ERRORS],
@@ -112,6 +113,18 @@ static SAMPLES: &Aligned<[u8]> = &Aligned {
     bytes: *include_bytes!(concat!(env!("OUT_DIR"), "/samples.bin")),
 };
 
+/// Weights of the model as raw little-endian `Value`s, written by `build.rs`. It is empty when
+/// no model is embedded.
+static WEIGHTS_FILE: &Aligned<[u8]> = &Aligned {
+    bytes: *include_bytes!(concat!(env!("OUT_DIR"), "/weights.bin")),
+};
+
+/// Transposed copy of the weights, in the layout of `fixedpc::transpose_weights`, written by
+/// `build.rs`. It is empty when no model is embedded.
+static TRANSPOSED_FILE: &Aligned<[u8]> = &Aligned {
+    bytes: *include_bytes!(concat!(env!("OUT_DIR"), "/weights-transposed.bin")),
+};
+
 #[entry]
 fn main() -> ! {
     let model = &MODEL.bytes;
@@ -145,7 +158,9 @@ fn run(model_bytes: &[u8], sample_bytes: &[u8], buffers: &'static mut Buffers) -
         defmt::error!("invalid shapes: {}", error);
         EXIT_BAD_MODEL
     })?;
-    let config = load_model(model_bytes, &arch, buffers)?;
+    let weights = flash_values("weights", &WEIGHTS_FILE.bytes)?;
+    let transposed = flash_values("transposed weights", &TRANSPOSED_FILE.bytes)?;
+    let config = load_model(model_bytes, &arch, weights, &mut buffers.scalings)?;
     let samples = SampleSet::parse(sample_bytes).map_err(|error| {
         defmt::error!("invalid sample file: {}", error);
         EXIT_BAD_SAMPLES
@@ -159,15 +174,15 @@ fn run(model_bytes: &[u8], sample_bytes: &[u8], buffers: &'static mut Buffers) -
         return Err(EXIT_BAD_SAMPLES);
     }
     defmt::info!(
-        "network {=[?]}: {=usize} weights, {=usize} bytes of network memory; {=usize} samples",
+        "network {=[?]}: {=usize} weights and their transposed copy in flash, {=usize} bytes \
+         of network memory in RAM; {=usize} samples",
         WIDTHS,
         WEIGHTS,
-        NETWORK_BYTES,
+        NETWORK_RAM_BYTES,
         samples.len()
     );
 
     let Buffers {
-        weights,
         scalings,
         activities,
         errors,
@@ -176,10 +191,11 @@ fn run(model_bytes: &[u8], sample_bytes: &[u8], buffers: &'static mut Buffers) -
         input,
         target,
     } = buffers;
-    let network = Network::new(arch, weights, scalings).map_err(|error| {
-        defmt::error!("invalid network: {}", error);
-        EXIT_BAD_MODEL
-    })?;
+    let network =
+        Network::with_transposed(arch, weights, transposed, scalings).map_err(|error| {
+            defmt::error!("invalid network: {}", error);
+            EXIT_BAD_MODEL
+        })?;
     let mut workspace =
         Workspace::new(&arch, 1, activities, errors, scratch, overflows).map_err(|error| {
             defmt::error!("invalid workspace: {}", error);
@@ -233,11 +249,13 @@ fn run(model_bytes: &[u8], sample_bytes: &[u8], buffers: &'static mut Buffers) -
     Ok(())
 }
 
-/// Validates the model against the compiled shapes and decodes it into the static buffers.
+/// Validates the model against the compiled shapes and the embedded weights, and decodes its
+/// scalings into `scalings`.
 fn load_model(
     bytes: &[u8],
     arch: &Arch<'_>,
-    buffers: &mut Buffers,
+    weights: &[Value],
+    scalings: &mut [Value],
 ) -> Result<InferenceConfig<Value>, i32> {
     let report = |error: fixedpc::Error| {
         defmt::error!("invalid model: {}", error);
@@ -245,9 +263,59 @@ fn load_model(
     };
     let model = Model::parse(bytes).map_err(report)?;
     model.check_matches::<Value>(arch).map_err(report)?;
-    model.weights_into(&mut buffers.weights).map_err(report)?;
-    model.scalings_into(&mut buffers.scalings).map_err(report)?;
+    check_weights_match_model(&model, weights)?;
+    model.scalings_into(scalings).map_err(report)?;
     model.inference_config::<Value>().map_err(report)
+}
+
+/// Views an embedded weight file as `Value`s in place, after checking that its length is a
+/// whole number of values. `Aligned` gives every file the 4-byte alignment that `Value` needs.
+fn flash_values(name: &str, bytes: &'static [u8]) -> Result<&'static [Value], i32> {
+    let size = core::mem::size_of::<Value>();
+    if !bytes.len().is_multiple_of(size) {
+        defmt::error!(
+            "embedded {=str} have {=usize} bytes, not a whole number of {=usize}-byte values",
+            name,
+            bytes.len(),
+            size
+        );
+        return Err(EXIT_BAD_MODEL);
+    }
+    bytemuck::try_cast_slice(bytes).map_err(|_| {
+        defmt::error!(
+            "embedded {=str} at {=usize:#010x} are not aligned to {=usize} bytes",
+            name,
+            bytes.as_ptr() as usize,
+            core::mem::align_of::<Value>()
+        );
+        EXIT_BAD_MODEL
+    })
+}
+
+/// Checks that the embedded weights are the model's weights, byte for byte: both are raw
+/// little-endian values, so this also checks their number. `Network::with_transposed` then
+/// checks that the transposed copy is their transpose.
+fn check_weights_match_model(model: &Model<'_>, weights: &[Value]) -> Result<(), i32> {
+    let stored = model.weight_bytes();
+    let embedded: &[u8] = bytemuck::cast_slice(weights);
+    if embedded.len() != stored.len() {
+        defmt::error!(
+            "embedded weights have {=usize} bytes, the model stores {=usize}; rebuild the \
+             firmware so that build.rs writes them again",
+            embedded.len(),
+            stored.len()
+        );
+        return Err(EXIT_BAD_MODEL);
+    }
+    if let Some(index) = embedded.iter().zip(stored).position(|(a, b)| a != b) {
+        defmt::error!(
+            "embedded weights differ from the model's at byte {=usize}; rebuild the firmware \
+             so that build.rs writes them again",
+            index
+        );
+        return Err(EXIT_BAD_MODEL);
+    }
+    Ok(())
 }
 
 /// Set by the first panic, so that a panic raised while logging does not recurse.
