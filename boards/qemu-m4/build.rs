@@ -1,9 +1,10 @@
 //! Puts `memory.x` on the linker search path, copies the model and sample files named by
 //! `FIXEDPC_MODEL` and `FIXEDPC_SAMPLES` into `OUT_DIR` for `include_bytes!`, and writes the
 //! model's shapes as constants to `OUT_DIR/shapes.rs`, so the firmware sizes its static
-//! buffers at compile time. It also writes the model's weights and their transposed copy as
-//! raw little-endian values of the model's format (`weights.bin`, `weights-transposed.bin`),
-//! which the firmware reads in place from flash.
+//! buffers at compile time. It also writes the transposed copy of the model's weights as raw
+//! little-endian values of the model's format (`weights-transposed.bin`), which the firmware
+//! reads in place from flash, as it reads the weights inside the model file. Only when those
+//! are not 4-byte aligned in the file does it write them again, aligned, to `weights.bin`.
 
 use std::env;
 use std::fs;
@@ -26,9 +27,10 @@ fn main() {
     write_weights(&out_dir.join("model.bin"), &out_dir);
 }
 
-/// Writes `weights.bin` and `weights-transposed.bin`: the weights of the model, and for each
-/// layer `W_l^T` row-major at the layer's offset, the layout `fixedpc::transpose_weights`
-/// writes. Both are empty when no model is embedded.
+/// Writes `weights-transposed.bin`, for each layer `W_l^T` row-major at the layer's offset,
+/// the layout `fixedpc::transpose_weights` writes, and `weights.bin`: the weights of the model
+/// when they are not 4-byte aligned in the file, else nothing. Both are empty when no model is
+/// embedded.
 fn write_weights(model_path: &Path, out_dir: &Path) {
     let bytes = fs::read(model_path)
         .unwrap_or_else(|error| panic!("failed to read {}: {error}", model_path.display()));
@@ -38,13 +40,21 @@ fn write_weights(model_path: &Path, out_dir: &Path) {
         // `write_shapes` has validated the file and its format.
         let model = fixedpc::Model::parse(&bytes)
             .unwrap_or_else(|error| panic!("FIXEDPC_MODEL is not a valid model file: {error}"));
-        match model.header().format {
+        let (weights, transposed) = match model.header().format {
             fixedpc::NumericFormat::I16F16 => encode_weights::<fixedpc::I16F16>(&model),
             fixedpc::NumericFormat::I4F12 => encode_weights::<fixedpc::I4F12>(&model),
             other => panic!(
                 "FIXEDPC_MODEL is a {} model; this firmware runs i16f16 and i4f12 models",
                 other.name()
             ),
+        };
+        // The firmware embeds the model file at a 4-byte aligned address, so the weights in it
+        // are aligned when their offset in the file is.
+        let offset = model.weight_bytes().as_ptr() as usize - bytes.as_ptr() as usize;
+        if offset.is_multiple_of(4) {
+            (Vec::new(), transposed)
+        } else {
+            (weights, transposed)
         }
     };
     for (name, contents) in [

@@ -34,7 +34,7 @@ pub struct RunArgs {
     #[command(flatten)]
     pub data: DataArgs,
     /// Run only the first ROWS test rows [default: all that fit in the board's flash next to
-    /// the model and its weight copies]
+    /// the model and the transposed copy of its weights]
     #[arg(long, value_name = "ROWS")]
     pub test_rows: Option<usize>,
     /// Seconds to wait for the firmware before stopping QEMU
@@ -90,13 +90,13 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
 
     let sample_bytes = samples_encoded_len(1, test_set.feature_count, NumericFormat::I16F16)
         - samples_encoded_len(0, test_set.feature_count, NumericFormat::I16F16);
-    // The firmware embeds the model file and, next to it, the weights and their transposed
-    // copy as raw values.
-    let weight_copies_bytes = 2 * weights_len(&widths) * NumericFormat::I16F16.bytes();
+    // The firmware embeds the model file, whose `I16F16` weights it reads in place, and next
+    // to it their transposed copy as raw values.
+    let transposed_bytes = weights_len(&widths) * NumericFormat::I16F16.bytes();
     let free = FLASH_BYTES
         .saturating_sub(CODE_RESERVE_BYTES)
         .saturating_sub(encoded_len(&widths, NumericFormat::I16F16))
-        .saturating_sub(weight_copies_bytes)
+        .saturating_sub(transposed_bytes)
         .saturating_sub(samples_encoded_len(
             0,
             test_set.feature_count,
@@ -107,8 +107,8 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
     if rows > fit {
         return Err(input_error(format!(
             "--test-rows {rows} is invalid: {rows} samples of {sample_bytes} bytes, the model \
-             and its two weight copies do not fit in the board's {FLASH_BYTES} bytes of flash; \
-             at most {fit} do"
+             and the transposed copy of its weights do not fit in the board's {FLASH_BYTES} \
+             bytes of flash; at most {fit} do"
         )));
     }
     if rows == 0 {
@@ -120,7 +120,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
     if rows < test_set.len() {
         eprintln!(
             "running the first {rows} of {} test rows, the most that fit next to the model and \
-             its weight copies (--test-rows sets the count)",
+             the transposed copy of its weights (--test-rows sets the count)",
             test_set.len()
         );
     }

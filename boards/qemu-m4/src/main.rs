@@ -5,8 +5,8 @@
 //! with its own run, and the stack high-water mark. Shapes and the numeric format come from the
 //! model at build time, so every buffer is a static of known size.
 //!
-//! The weights stay in flash: `build.rs` writes them and their transposed copy in the memory
-//! layout of the format, and the network borrows both in place. The copy makes each
+//! The weights stay in flash. The network borrows them in place from the model file, and a
+//! transposed copy that `build.rs` writes in the memory layout of the format. The copy makes each
 //! `W^T e` of inference a matrix product, which runs faster than the transposed product.
 //! RAM contains the scalings, activities, errors, scratch and the current sample.
 //!
@@ -113,8 +113,9 @@ static SAMPLES: &Aligned<[u8]> = &Aligned {
     bytes: *include_bytes!(concat!(env!("OUT_DIR"), "/samples.bin")),
 };
 
-/// Weights of the model as raw little-endian `Value`s, written by `build.rs`. It is empty when
-/// no model is embedded.
+/// Weights of the model as raw little-endian `Value`s, written by `build.rs` only when those
+/// in the model file are not 4-byte aligned. Else it is empty, and the firmware reads the
+/// weights inside the model file.
 static WEIGHTS_FILE: &Aligned<[u8]> = &Aligned {
     bytes: *include_bytes!(concat!(env!("OUT_DIR"), "/weights.bin")),
 };
@@ -153,14 +154,17 @@ fn main() -> ! {
 }
 
 /// Loads the model and runs the test protocol on every sample.
-fn run(model_bytes: &[u8], sample_bytes: &[u8], buffers: &'static mut Buffers) -> Result<(), i32> {
+fn run(
+    model_bytes: &'static [u8],
+    sample_bytes: &[u8],
+    buffers: &'static mut Buffers,
+) -> Result<(), i32> {
     let arch = Arch::new(&WIDTHS, ACTIVATION, SKIP).map_err(|error| {
         defmt::error!("invalid shapes: {}", error);
         EXIT_BAD_MODEL
     })?;
-    let weights = flash_values("weights", &WEIGHTS_FILE.bytes)?;
+    let (config, weights) = load_model(model_bytes, &arch, &mut buffers.scalings)?;
     let transposed = flash_values("transposed weights", &TRANSPOSED_FILE.bytes)?;
-    let config = load_model(model_bytes, &arch, weights, &mut buffers.scalings)?;
     let samples = SampleSet::parse(sample_bytes).map_err(|error| {
         defmt::error!("invalid sample file: {}", error);
         EXIT_BAD_SAMPLES
@@ -249,27 +253,35 @@ fn run(model_bytes: &[u8], sample_bytes: &[u8], buffers: &'static mut Buffers) -
     Ok(())
 }
 
-/// Validates the model against the compiled shapes and the embedded weights, and decodes its
-/// scalings into `scalings`.
+/// Validates the model against the compiled shapes, decodes its scalings into `scalings`, and
+/// returns its inference settings and its weights in flash: those inside the model file, or
+/// the aligned copy of `weights.bin` after checking that it equals them.
 fn load_model(
-    bytes: &[u8],
+    bytes: &'static [u8],
     arch: &Arch<'_>,
-    weights: &[Value],
     scalings: &mut [Value],
-) -> Result<InferenceConfig<Value>, i32> {
+) -> Result<(InferenceConfig<Value>, &'static [Value]), i32> {
     let report = |error: fixedpc::Error| {
         defmt::error!("invalid model: {}", error);
         EXIT_BAD_MODEL
     };
     let model = Model::parse(bytes).map_err(report)?;
     model.check_matches::<Value>(arch).map_err(report)?;
-    check_weights_match_model(&model, weights)?;
+    let weights = if WEIGHTS_FILE.bytes.is_empty() {
+        flash_values("model weights", model.weight_bytes())?
+    } else {
+        let weights = flash_values("weights", &WEIGHTS_FILE.bytes)?;
+        check_weights_match_model(&model, weights)?;
+        weights
+    };
     model.scalings_into(scalings).map_err(report)?;
-    model.inference_config::<Value>().map_err(report)
+    let config = model.inference_config::<Value>().map_err(report)?;
+    Ok((config, weights))
 }
 
-/// Views an embedded weight file as `Value`s in place, after checking that its length is a
-/// whole number of values. `Aligned` gives every file the 4-byte alignment that `Value` needs.
+/// Views embedded weights as `Value`s in place, after checking that their length is a whole
+/// number of values and their address is aligned. `Aligned` gives every embedded file a
+/// 4-byte aligned start, and `build.rs` checked that the weights in the model file are too.
 fn flash_values(name: &str, bytes: &'static [u8]) -> Result<&'static [Value], i32> {
     let size = core::mem::size_of::<Value>();
     if !bytes.len().is_multiple_of(size) {
