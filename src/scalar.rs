@@ -589,17 +589,19 @@ impl Scalar for I16F16 {
         overflows: &mut u32,
     ) {
         let columns = out.len();
+        // The assembly routine proves a bound on the vector itself, faster than
+        // `sums_fit_i64`. When it cannot, or an output saturates, the paths below decide.
+        #[cfg(fixedpc_dsp)]
+        if scale == I16F16::ONE
+            && kernels::transposed_product_q16(
+                bytemuck::cast_slice(matrix),
+                bytemuck::cast_slice(vector),
+                bytemuck::cast_slice_mut(out),
+            )
+        {
+            return;
+        }
         if sums_fit_i64(vector) {
-            #[cfg(fixedpc_dsp)]
-            if scale == I16F16::ONE
-                && kernels::transposed_product_q16(
-                    bytemuck::cast_slice(matrix),
-                    bytemuck::cast_slice(vector),
-                    bytemuck::cast_slice_mut(out),
-                )
-            {
-                return;
-            }
             kernels::columns_dot_i32_wrapping(
                 bytemuck::cast_slice(matrix),
                 bytemuck::cast_slice(vector),

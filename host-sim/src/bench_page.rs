@@ -141,9 +141,10 @@ fn board_section(out: &mut String, counts: &BoardCounts) {
          leaves out the loop. Columns left over go four at a time, at 1.69 and 2.03. The rest of each figure above is per-row or per-column \
          work for the loop state, the rounding and the stores. A matrix product spends 8 \
          instructions per row. A transposed product spends 17 per three columns (`I16F16`), \
-         25 per eight columns (`I4F12`) or 22 to 25 per four columns. `I16F16` also passes \
-         over the vector once, with one `SSAT` per value, to prove that the `i64` sums are \
-         exact.\n",
+         25 per eight columns (`I4F12`) or 22 to 25 per four columns. `I16F16` also proves \
+         that the `i64` sums are exact, with one `SSAT` per vector value: in a pass of its \
+         own, or, with at most 64 rows and four leftover columns, in the pass of those \
+         columns.\n",
     );
     out.push_str(
         "\nInstructions per call. An inference step is one activity update plus the errors that \

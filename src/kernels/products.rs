@@ -22,7 +22,8 @@
 // NOTE: on Cortex-M4 (QEMU mps2-an386, `scripts/bench`), the `I4F12` transposed product
 // measured 1.53 (64x64) and 1.47 (256x256) instructions per multiply-accumulate, against a
 // target of 1.0. A weight word contains two columns of one row, so each 16-bit product needs
-// its own `SMLA<x><y>`, and row-major weights cannot reach 1.0.
+// its own `SMLA<x><y>`, and row-major weights cannot reach 1.0. Inference firmware avoids
+// this product with a transposed copy of the weights (`Network::with_transposed`).
 use core::arch::asm;
 
 /// The sticky saturation bit (Q) of the APSR.
@@ -379,6 +380,25 @@ macro_rules! q16_column_block {
     () => {
         concat!(
             "ldr r3, [r1], #4\n",
+            "ldrd r12, lr, [r0]\n",
+            "smlal r4, r5, r12, r3\n",
+            "smlal r6, r7, lr, r3\n",
+            "ldrd r12, lr, [r0, #8]\n",
+            "smlal r8, r9, r12, r3\n",
+            "smlal r10, r11, lr, r3\n",
+            "uxtah r0, r0, r2\n",
+        )
+    };
+}
+
+/// [`q16_column_block`] that also saturates the vector value to 26 bits, which sets the Q flag
+/// when it lies outside `[-2^25, 2^25)`. For at most 64 rows that proves the bound of
+/// [`vector_bounded_q16`] on the way.
+macro_rules! q16_column_block_checked {
+    () => {
+        concat!(
+            "ldr r3, [r1], #4\n",
+            "ssat r3, #26, r3\n",
             "ldrd r12, lr, [r0]\n",
             "smlal r4, r5, r12, r3\n",
             "smlal r6, r7, lr, r3\n",
@@ -906,10 +926,13 @@ macro_rules! q16_columns3_routine {
 /// `I16F16` values of a row-major `matrix` with `vector.len()` rows and `out.len()` columns,
 /// which is `I16F16::transposed_product` with scale one.
 ///
-/// The caller must have checked the bound of [`matrix_product_q16`]. Returns `false` as
-/// [`matrix_product_q12`] does. Handled: at least `vector.len()` rows in `matrix`, and either
-/// an even number of rows and at least `4 * (columns % 3)` columns, or columns a multiple
-/// of 4.
+/// The routine proves the bound of [`vector_bounded_q16`], which makes the 64-bit sums exact,
+/// and returns `false` when it cannot. With at most 64 rows and one group of four columns, the
+/// group's pass checks each value as it loads it, which saves a separate pass over the vector.
+/// Returns `false` also as [`matrix_product_q12`] does. Handled: at least `vector.len()` rows
+/// in `matrix`, and either an even number of rows and at least `4 * (columns % 3)` columns, or
+/// columns a multiple of 4.
+#[inline]
 pub(crate) fn transposed_product_q16(matrix: &[i32], vector: &[i32], out: &mut [i32]) -> bool {
     let rows = vector.len();
     let columns = out.len();
@@ -928,18 +951,25 @@ pub(crate) fn transposed_product_q16(matrix: &[i32], vector: &[i32], out: &mut [
     } else {
         return false;
     };
+    let checked = wide_columns == 4 && rows <= 64 && rows.is_multiple_of(16);
+    if !checked && !vector_bounded_q16(vector) {
+        return false;
+    }
+
+    // The columns in groups of four go first, so that a failed check stops before the rest.
     let narrow_columns = columns - wide_columns;
     let (narrow_out, wide_out) = out.split_at_mut(narrow_columns);
-    if narrow_columns > 0 {
-        let Some(status) = columns3_q16(matrix, vector, stride, narrow_out) else {
+    if wide_columns > 0 {
+        let wide_matrix = &matrix[narrow_columns..];
+        let Some(status) = columns4_q16(wide_matrix, vector, stride, wide_out, checked) else {
             return false;
         };
         if status & Q_FLAG != 0 {
             return false;
         }
     }
-    if wide_columns > 0 {
-        let Some(status) = columns4_q16(&matrix[narrow_columns..], vector, stride, wide_out) else {
+    if narrow_columns > 0 {
+        let Some(status) = columns3_q16(matrix, vector, stride, narrow_out) else {
             return false;
         };
         if status & Q_FLAG != 0 {
@@ -1013,8 +1043,16 @@ fn columns3_q16(matrix: &[i32], vector: &[i32], stride: usize, out: &mut [i32]) 
 
 /// Runs [`columns_routine`] with [`q16_column_block`] on the first `out.len()` columns, a
 /// non-zero multiple of 4, of a matrix with `vector.len()` rows and `stride` bytes per row.
-/// Returns the APSR at the end, or `None` when the counter does not fit.
-fn columns4_q16(matrix: &[i32], vector: &[i32], stride: usize, out: &mut [i32]) -> Option<u32> {
+/// With `checked`, for a number of rows that is a multiple of 16, it runs
+/// [`q16_column_block_checked`] instead. Returns the APSR at the end, or `None` when the
+/// counter does not fit.
+fn columns4_q16(
+    matrix: &[i32],
+    vector: &[i32],
+    stride: usize,
+    out: &mut [i32],
+    checked: bool,
+) -> Option<u32> {
     const COLUMNS: usize = 4;
     const UNROLL: usize = 16;
     let rows = vector.len();
@@ -1025,7 +1063,36 @@ fn columns4_q16(matrix: &[i32], vector: &[i32], stride: usize, out: &mut [i32]) 
     // SAFETY: as in `columns4_q12`, with one `i32` vector value per row and four `i32`
     // weights per row and group, read by two `LDRD`s from word-aligned addresses.
     let status = unsafe {
-        if unrolled {
+        if checked && unrolled {
+            columns_routine!(
+                bias: 1 << 15,
+                block: concat!(
+                    q16_column_block_checked!(),
+                    q16_column_block_checked!(),
+                    q16_column_block_checked!(),
+                    q16_column_block_checked!(),
+                    q16_column_block_checked!(),
+                    q16_column_block_checked!(),
+                    q16_column_block_checked!(),
+                    q16_column_block_checked!(),
+                    q16_column_block_checked!(),
+                    q16_column_block_checked!(),
+                    q16_column_block_checked!(),
+                    q16_column_block_checked!(),
+                    q16_column_block_checked!(),
+                    q16_column_block_checked!(),
+                    q16_column_block_checked!(),
+                    q16_column_block_checked!()
+                ),
+                finish: q16_column_finish!(),
+                group_bytes: 4 * COLUMNS,
+                matrix: matrix.as_ptr(),
+                vector: vector.as_ptr(),
+                counter: counter,
+                out: out_range.start,
+                out_end: out_range.end,
+            )
+        } else if unrolled {
             columns_routine!(
                 bias: 1 << 15,
                 block: concat!(

@@ -327,7 +327,8 @@ fn check_kernels() {
         }
     }
     cases += check_products_per_range::<i16, I4F12>(&mut rng, &[1 << 9, 1 << 12, 1 << 15]);
-    cases += check_products_per_range::<i32, I16F16>(&mut rng, &[1 << 17, 1 << 24, 1 << 31]);
+    cases +=
+        check_products_per_range::<i32, I16F16>(&mut rng, &[1 << 17, 1 << 24, 1 << 26, 1 << 31]);
     // `i16::MIN` squared is 2^30, so every fourth row brings a column sum to a multiple of
     // 2^32, which a 32-bit accumulator wraps back near the bias. Only the overflow flag of
     // `SMLA<x><y>` then distinguishes the sum from a small one.
