@@ -238,7 +238,10 @@ type Product = (&'static str, &'static str);
 /// Region names and descriptions of the matrix and transposed products.
 const PRODUCTS: [Product; 2] = [
     ("matrix_product", "matrix product"),
-    ("transposed_product", "transposed product"),
+    (
+        "transposed_product",
+        "transposed product over row-major weights",
+    ),
 ];
 
 /// The transposed product as inference firmware runs it, a matrix product over the transposed
@@ -586,7 +589,7 @@ mod tests {
         let mut page = String::new();
         targets_section(&mut page, &figures);
         assert!(
-            page.contains("| 16-bit `I4F12` transposed product on the Cortex-M4, instructions per MAC | 1.0 | 1.500, - | no |"),
+            page.contains("| 16-bit `I4F12` transposed product over row-major weights on the Cortex-M4, instructions per MAC | 1.0 | 1.500, - | no |"),
             "{page}"
         );
         assert!(
