@@ -5,6 +5,8 @@
 //! little-endian values of the model's format (`weights-transposed.bin`), which the firmware
 //! reads in place from flash, as it reads the weights inside the model file. Only when those
 //! are not 4-byte aligned in the file does it write them again, aligned, to `weights.bin`.
+//! `FIXEDPC_TRANSPOSED=0` leaves the transposed copy out, which saves flash for a large model;
+//! inference then runs the transposed product, with the same results.
 
 use std::env;
 use std::fs;
@@ -24,14 +26,21 @@ fn main() {
     copy_input("FIXEDPC_MODEL", &out_dir.join("model.bin"));
     copy_input("FIXEDPC_SAMPLES", &out_dir.join("samples.bin"));
     write_shapes(&out_dir.join("model.bin"), &out_dir.join("shapes.rs"));
-    write_weights(&out_dir.join("model.bin"), &out_dir);
+    println!("cargo::rerun-if-env-changed=FIXEDPC_TRANSPOSED");
+    let transposed = match env::var("FIXEDPC_TRANSPOSED").as_deref() {
+        Ok("0") => false,
+        Ok("1") | Err(env::VarError::NotPresent) => true,
+        Ok(other) => panic!("FIXEDPC_TRANSPOSED={other:?} is invalid; set it to 0 or 1"),
+        Err(error) => panic!("FIXEDPC_TRANSPOSED is invalid: {error}; set it to 0 or 1"),
+    };
+    write_weights(&out_dir.join("model.bin"), &out_dir, transposed);
 }
 
 /// Writes `weights-transposed.bin`, for each layer `W_l^T` row-major at the layer's offset,
 /// the layout `fixedpc::transpose_weights` writes, and `weights.bin`: the weights of the model
 /// when they are not 4-byte aligned in the file, else nothing. Both are empty when no model is
-/// embedded.
-fn write_weights(model_path: &Path, out_dir: &Path) {
+/// embedded, and the copy is empty without `transposed`.
+fn write_weights(model_path: &Path, out_dir: &Path, transposed: bool) {
     let bytes = fs::read(model_path)
         .unwrap_or_else(|error| panic!("failed to read {}: {error}", model_path.display()));
     let (weights, transposed) = if bytes.is_empty() {
@@ -40,7 +49,7 @@ fn write_weights(model_path: &Path, out_dir: &Path) {
         // `write_shapes` has validated the file and its format.
         let model = fixedpc::Model::parse(&bytes)
             .unwrap_or_else(|error| panic!("FIXEDPC_MODEL is not a valid model file: {error}"));
-        let (weights, transposed) = match model.header().format {
+        let (weights, copy) = match model.header().format {
             fixedpc::NumericFormat::I16F16 => encode_weights::<fixedpc::I16F16>(&model),
             fixedpc::NumericFormat::I4F12 => encode_weights::<fixedpc::I4F12>(&model),
             other => panic!(
@@ -51,10 +60,11 @@ fn write_weights(model_path: &Path, out_dir: &Path) {
         // The firmware embeds the model file at a 4-byte aligned address, so the weights in it
         // are aligned when their offset in the file is.
         let offset = model.weight_bytes().as_ptr() as usize - bytes.as_ptr() as usize;
+        let copy = if transposed { copy } else { Vec::new() };
         if offset.is_multiple_of(4) {
-            (Vec::new(), transposed)
+            (Vec::new(), copy)
         } else {
-            (weights, transposed)
+            (weights, copy)
         }
     };
     for (name, contents) in [
@@ -104,7 +114,10 @@ fn write_shapes(model_path: &Path, destination: &Path) {
         (vec![1, 1], 0, false, fixedpc::NumericFormat::I16F16)
     } else {
         let model = fixedpc::Model::parse(&bytes).unwrap_or_else(|error| {
-            panic!("FIXEDPC_MODEL is not a valid model file: {error}. Export one with pcsim.")
+            panic!(
+                "FIXEDPC_MODEL={} is not a valid model file: {error}. Export one with pcsim.",
+                model_path.display()
+            )
         });
         let header = model.header();
         let widths: Vec<usize> = (0..=header.depth).map(|layer| model.width(layer)).collect();
@@ -114,7 +127,9 @@ fn write_shapes(model_path: &Path, destination: &Path) {
         fixedpc::NumericFormat::I16F16 => "fixedpc::I16F16",
         fixedpc::NumericFormat::I4F12 => "fixedpc::I4F12",
         other => panic!(
-            "FIXEDPC_MODEL is a {} model; this firmware runs i16f16 and i4f12 models",
+            "FIXEDPC_MODEL={} stores {} values; this firmware runs i16f16 and i4f12 models, so \
+             train one with --numeric i16f16 or --numeric i4f12",
+            model_path.display(),
             other.name()
         ),
     };

@@ -86,16 +86,19 @@ pub fn check_prerequisites(board_dir: &Path) -> Result<PathBuf> {
 /// Builds the firmware with the given model and sample files embedded, runs it under QEMU and
 /// parses its log.
 pub fn run_qemu_m4(board_dir: &Path, model: &Path, samples: &Path) -> Result<BoardRun> {
-    run_qemu_m4_with_timeout(board_dir, model, samples, None)
+    run_qemu_m4_with_options(board_dir, model, samples, None, true)
 }
 
 /// As [`run_qemu_m4`], and stops QEMU after `timeout_secs` seconds [default: the
-/// `QEMU_TIMEOUT_SECS` of the environment, else 120 s].
-pub fn run_qemu_m4_with_timeout(
+/// `QEMU_TIMEOUT_SECS` of the environment, else 120 s]. Without `transposed`, the firmware
+/// leaves out the transposed copy of the weights (`FIXEDPC_TRANSPOSED=0`), which saves flash
+/// for a large model, and inference runs the transposed product instead, with the same bits.
+pub fn run_qemu_m4_with_options(
     board_dir: &Path,
     model: &Path,
     samples: &Path,
     timeout_secs: Option<u64>,
+    transposed: bool,
 ) -> Result<BoardRun> {
     let board_dir = check_prerequisites(board_dir)?;
     let model = model
@@ -106,9 +109,14 @@ pub fn run_qemu_m4_with_timeout(
         .with_context(|| format!("cannot find {}", samples.display()))?;
 
     eprintln!("building the {MACHINE} firmware in {}", board_dir.display());
+    let copy = Path::new(if transposed { "1" } else { "0" });
     let elf = build_firmware(
         &board_dir,
-        &[("FIXEDPC_MODEL", &model), ("FIXEDPC_SAMPLES", &samples)],
+        &[
+            ("FIXEDPC_MODEL", &model),
+            ("FIXEDPC_SAMPLES", &samples),
+            ("FIXEDPC_TRANSPOSED", copy),
+        ],
     )?;
     let (flash_bytes, ram_bytes) = image_sizes(&elf)?;
 

@@ -34,11 +34,16 @@ pub struct RunArgs {
     #[command(flatten)]
     pub data: DataArgs,
     /// Run only the first ROWS test rows [default: all that fit in the board's flash next to
-    /// the model and the transposed copy of its weights]
+    /// the model and the transposed copy of its weights, or next to the model alone when the
+    /// copy leaves no room for them]
     #[arg(long, value_name = "ROWS")]
     pub test_rows: Option<usize>,
-    /// Seconds to wait for the firmware before stopping QEMU
-    #[arg(long, default_value_t = 1800)]
+    /// Leave out the transposed copy of the weights, so that inference runs the transposed
+    /// product, as the command does by itself when the copy leaves too little flash
+    #[arg(long)]
+    pub no_transposed_copy: bool,
+    /// Seconds to wait for the firmware before stopping QEMU, at least 1
+    #[arg(long, default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: u64,
     /// Directory for the exported sample file
     #[arg(long, default_value = "target/pcsim-board-run", value_name = "DIR")]
@@ -91,36 +96,61 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
     let sample_bytes = samples_encoded_len(1, test_set.feature_count, NumericFormat::I16F16)
         - samples_encoded_len(0, test_set.feature_count, NumericFormat::I16F16);
     // The firmware embeds the model file, whose `I16F16` weights it reads in place, and next
-    // to it their transposed copy as raw values.
+    // to it their transposed copy as raw values, unless that copy leaves too little flash for
+    // the test rows.
     let transposed_bytes = weights_len(&widths) * NumericFormat::I16F16.bytes();
     let free = FLASH_BYTES
         .saturating_sub(CODE_RESERVE_BYTES)
         .saturating_sub(encoded_len(&widths, NumericFormat::I16F16))
-        .saturating_sub(transposed_bytes)
         .saturating_sub(samples_encoded_len(
             0,
             test_set.feature_count,
             NumericFormat::I16F16,
         ));
     let fit = free / sample_bytes;
-    let rows = args.test_rows.unwrap_or(fit).min(test_set.len());
+    let fit_with_copy = free.saturating_sub(transposed_bytes) / sample_bytes;
+    if let Some(requested) = args.test_rows {
+        if requested > test_set.len() {
+            eprintln!(
+                "warning: --test-rows {requested} is more than the {} test rows; running all of \
+                 them",
+                test_set.len()
+            );
+        }
+    }
+    let wanted = args.test_rows.unwrap_or(test_set.len()).min(test_set.len());
+    let transposed = !args.no_transposed_copy && fit_with_copy >= wanted.max(1);
+    let rows = args
+        .test_rows
+        .unwrap_or(if transposed { fit_with_copy } else { fit })
+        .min(test_set.len());
     if rows > fit {
         return Err(input_error(format!(
-            "--test-rows {rows} is invalid: {rows} samples of {sample_bytes} bytes, the model \
-             and the transposed copy of its weights do not fit in the board's {FLASH_BYTES} \
-             bytes of flash; at most {fit} do"
+            "{rows} test rows of {sample_bytes} bytes and the model ({} bytes) do not fit in the \
+             board's {FLASH_BYTES} bytes of flash; at most {fit} do, so pass --test-rows {fit} \
+             or fewer",
+            encoded_len(&widths, NumericFormat::I16F16)
         )));
     }
     if rows == 0 {
         return Err(input_error(format!(
-            "{} leaves no flash for test samples on this board",
-            args.model.display()
+            "{} ({} bytes) leaves no flash for test samples on this board: {FLASH_BYTES} bytes \
+             of flash, of which {CODE_RESERVE_BYTES} are kept for code; train a smaller model",
+            args.model.display(),
+            encoded_len(&widths, NumericFormat::I16F16)
         )));
     }
-    if rows < test_set.len() {
+    if !transposed && !args.no_transposed_copy {
         eprintln!(
-            "running the first {rows} of {} test rows, the most that fit next to the model and \
-             the transposed copy of its weights (--test-rows sets the count)",
+            "leaving out the transposed copy of the weights ({transposed_bytes} bytes), so that \
+             {rows} test rows fit in flash; inference runs the transposed product instead, with \
+             the same results"
+        );
+    }
+    if rows < test_set.len() && args.test_rows.is_none() {
+        eprintln!(
+            "running the first {rows} of {} test rows, the most that fit in flash next to the \
+             model (--test-rows sets the count)",
             test_set.len()
         );
     }
@@ -155,11 +185,12 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
     )?;
     write_file(&samples_path, &sample_file)?;
 
-    let board = board::run_qemu_m4_with_timeout(
+    let board = board::run_qemu_m4_with_options(
         &board_dir,
         &args.model,
         &samples_path,
         Some(args.timeout),
+        transposed,
     )?;
     let bit_exact = board.checksum == host.checksum && board.predictions == host.predictions;
     let board_accuracy = board.correct as f64 / rows as f64;

@@ -27,13 +27,14 @@ pub enum Command {
     /// Evaluate a model file on a CSV data set.
     #[command(allow_negative_numbers = true)]
     Eval(EvalArgs),
-    /// Train on the bundled digits in f32 and i16f16, then run the i16f16 model on the
-    /// emulated Cortex-M4 board and compare it with the host bit for bit.
+    /// Train on the bundled digits in f32 and i16f16, then run the i16f16 model and its i4f12
+    /// rounding on the emulated Cortex-M4 board and compare them with the host bit for bit.
     Demo(demo::DemoArgs),
     /// Check a golden case computed by JPC: the f64 reference and the core in f64 against
     /// JPC, and the core in i16f16 against its error bound.
     Check(check::CheckArgs),
-    /// Run a board: `pcsim board learn` trains it over its serial link.
+    /// Run a board: `pcsim board run` runs a model file on the emulated board, and `pcsim
+    /// board learn` trains a board over its serial link.
     #[command(subcommand)]
     Board(learn::BoardCommand),
     /// Measure instruction counts on the emulated Cortex-M4, firmware memory, host training

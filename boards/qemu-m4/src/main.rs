@@ -6,8 +6,9 @@
 //! model at build time, so every buffer is a static of known size.
 //!
 //! The weights stay in flash. The network borrows them in place from the model file, and a
-//! transposed copy that `build.rs` writes in the memory layout of the format. The copy makes each
-//! `W^T e` of inference a matrix product, which runs faster than the transposed product.
+//! transposed copy that `build.rs` writes in the memory layout of the format. Where the layer
+//! width suits the matrix routine, the copy turns the `W^T e` of inference into a matrix
+//! product, which runs faster than the transposed product.
 //! RAM contains the scalings, activities, errors, scratch and the current sample.
 //!
 //! Logs go out as defmt frames over semihosting. The firmware ends through semihosting
@@ -121,7 +122,8 @@ static WEIGHTS_FILE: &Aligned<[u8]> = &Aligned {
 };
 
 /// Transposed copy of the weights, in the layout of `fixedpc::transpose_weights`, written by
-/// `build.rs`. It is empty when no model is embedded.
+/// `build.rs`. It is empty when no model is embedded or when `FIXEDPC_TRANSPOSED=0` left it
+/// out, and the network is then built without it.
 static TRANSPOSED_FILE: &Aligned<[u8]> = &Aligned {
     bytes: *include_bytes!(concat!(env!("OUT_DIR"), "/weights-transposed.bin")),
 };
@@ -164,7 +166,15 @@ fn run(
         EXIT_BAD_MODEL
     })?;
     let (config, weights) = load_model(model_bytes, &arch, &mut buffers.scalings)?;
-    let transposed = flash_values("transposed weights", &TRANSPOSED_FILE.bytes)?;
+    let transposed = if TRANSPOSED_FILE.bytes.is_empty() {
+        None
+    } else {
+        Some(flash_values("transposed weights", &TRANSPOSED_FILE.bytes)?)
+    };
+    if sample_bytes.is_empty() {
+        defmt::error!("no samples embedded; build through pcsim or set FIXEDPC_SAMPLES");
+        return Err(EXIT_BAD_SAMPLES);
+    }
     let samples = SampleSet::parse(sample_bytes).map_err(|error| {
         defmt::error!("invalid sample file: {}", error);
         EXIT_BAD_SAMPLES
@@ -178,10 +188,11 @@ fn run(
         return Err(EXIT_BAD_SAMPLES);
     }
     defmt::info!(
-        "network {=[?]}: {=usize} weights and their transposed copy in flash, {=usize} bytes \
+        "network {=[?]}: {=usize} weights in flash, transposed copy: {=bool}, {=usize} bytes \
          of network memory in RAM; {=usize} samples",
         WIDTHS,
         WEIGHTS,
+        transposed.is_some(),
         NETWORK_RAM_BYTES,
         samples.len()
     );
@@ -195,11 +206,14 @@ fn run(
         input,
         target,
     } = buffers;
-    let network =
-        Network::with_transposed(arch, weights, transposed, scalings).map_err(|error| {
-            defmt::error!("invalid network: {}", error);
-            EXIT_BAD_MODEL
-        })?;
+    let network = match transposed {
+        Some(transposed) => Network::with_transposed(arch, weights, transposed, scalings),
+        None => Network::new(arch, weights, scalings),
+    }
+    .map_err(|error| {
+        defmt::error!("invalid network: {}", error);
+        EXIT_BAD_MODEL
+    })?;
     let mut workspace =
         Workspace::new(&arch, 1, activities, errors, scratch, overflows).map_err(|error| {
             defmt::error!("invalid workspace: {}", error);
