@@ -1,7 +1,7 @@
-//! `pcsim board run`: any `I16F16` model file on the emulated board, compared with the host
-//! bit for bit on a test set.
+//! `pcsim board run`: any `I16F16` or `I4F12` model file on the emulated board, compared with
+//! the host bit for bit on a test set.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -9,7 +9,7 @@ use clap::Args;
 use fixedpc::evaluate::{samples_encoded_len, write_samples};
 use fixedpc::model::encoded_len;
 use fixedpc::network::weights_len;
-use fixedpc::{Arch, Model, Network, NumericFormat, Scalar, I16F16};
+use fixedpc::{Arch, Model, Network, NumericFormat, Scalar, I16F16, I4F12};
 use serde_json::json;
 
 use crate::board;
@@ -28,7 +28,8 @@ const CODE_RESERVE_BYTES: usize = 128 * 1024;
 /// Options of `pcsim board run`.
 #[derive(Args)]
 pub struct RunArgs {
-    /// I16F16 model file written by `pcsim train --numeric i16f16` or `pcsim sweep`
+    /// I16F16 or I4F12 model file written by `pcsim train --numeric i16f16` (or `i4f12`) or
+    /// `pcsim sweep`
     #[arg(long, value_name = "PATH")]
     pub model: PathBuf,
     #[command(flatten)]
@@ -74,14 +75,23 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
     let bytes = read_model(&args.model)?;
     let model = Model::parse(&bytes)?;
     let header = model.header();
-    if header.format != NumericFormat::I16F16 {
-        return Err(input_error(format!(
-            "{} is a {} model, and the board runs I16F16 models; train one with --numeric \
-             i16f16",
+    match header.format {
+        NumericFormat::I16F16 => run_format::<I16F16>(args, &model, &board_dir),
+        NumericFormat::I4F12 => run_format::<I4F12>(args, &model, &board_dir),
+        other => Err(input_error(format!(
+            "{} is a {} model, and the board runs I16F16 and I4F12 models; train one with \
+             --numeric i16f16 or --numeric i4f12",
             args.model.display(),
-            header.format.name()
-        )));
+            other.name()
+        ))),
     }
+}
+
+/// Runs `pcsim board run` for a model in format `S`.
+fn run_format<S: Scalar>(args: &RunArgs, model: &Model<'_>, board_dir: &Path) -> Result<ExitCode> {
+    let header = model.header();
+    let format = S::FORMAT;
+    let name = format.name();
     let mut widths = vec![0; header.depth + 1];
     model.widths_into(&mut widths)?;
     let (_, test_set) = args.data.load()?;
@@ -93,20 +103,24 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         )));
     }
 
-    let sample_bytes = samples_encoded_len(1, test_set.feature_count, NumericFormat::I16F16)
-        - samples_encoded_len(0, test_set.feature_count, NumericFormat::I16F16);
-    // The firmware embeds the model file, whose `I16F16` weights it reads in place, and next
-    // to it their transposed copy as raw values, unless that copy leaves too little flash for
-    // the test rows.
-    let transposed_bytes = weights_len(&widths) * NumericFormat::I16F16.bytes();
+    let sample_bytes = samples_encoded_len(1, test_set.feature_count, format)
+        - samples_encoded_len(0, test_set.feature_count, format);
+    // The firmware embeds the model file, whose weights it reads in place, and next to it
+    // their transposed copy as raw values, unless that copy leaves too little flash for the
+    // test rows. `I4F12` weights of a model of even depth are not 4-byte aligned in the file,
+    // so `build.rs` embeds them once more.
+    let weights_bytes = weights_len(&widths) * format.bytes();
+    let transposed_bytes = weights_bytes;
+    let aligned_copy_bytes = if format == NumericFormat::I4F12 && header.depth % 2 == 0 {
+        weights_bytes
+    } else {
+        0
+    };
     let free = FLASH_BYTES
         .saturating_sub(CODE_RESERVE_BYTES)
-        .saturating_sub(encoded_len(&widths, NumericFormat::I16F16))
-        .saturating_sub(samples_encoded_len(
-            0,
-            test_set.feature_count,
-            NumericFormat::I16F16,
-        ));
+        .saturating_sub(encoded_len(&widths, format))
+        .saturating_sub(aligned_copy_bytes)
+        .saturating_sub(samples_encoded_len(0, test_set.feature_count, format));
     let fit = free / sample_bytes;
     let fit_with_copy = free.saturating_sub(transposed_bytes) / sample_bytes;
     if let Some(requested) = args.test_rows {
@@ -129,7 +143,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
             "{rows} test rows of {sample_bytes} bytes and the model ({} bytes) do not fit in the \
              board's {FLASH_BYTES} bytes of flash; at most {fit} do, so pass --test-rows {fit} \
              or fewer",
-            encoded_len(&widths, NumericFormat::I16F16)
+            encoded_len(&widths, format)
         )));
     }
     if rows == 0 {
@@ -137,7 +151,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
             "{} ({} bytes) leaves no flash for test samples on this board: {FLASH_BYTES} bytes \
              of flash, of which {CODE_RESERVE_BYTES} are kept for code; train a smaller model",
             args.model.display(),
-            encoded_len(&widths, NumericFormat::I16F16)
+            encoded_len(&widths, format)
         )));
     }
     if !transposed && !args.no_transposed_copy {
@@ -156,15 +170,15 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
     }
 
     let arch = Arch::new(&widths, header.activation, header.skip)?;
-    let mut weights = vec![I16F16::ZERO; arch.weights_len()];
-    let mut scalings = vec![I16F16::ZERO; header.depth];
+    let mut weights = vec![S::ZERO; arch.weights_len()];
+    let mut scalings = vec![S::ZERO; header.depth];
     model.weights_into(&mut weights)?;
     model.scalings_into(&mut scalings)?;
     let network = Network::new(arch, &weights, &scalings)?;
-    let inference = model.inference_config::<I16F16>()?;
-    let scale = model.input_scale::<I16F16>()?.to_f64();
-    let (all_inputs, saturated) = train::convert_features::<I16F16>(&test_set, scale);
-    train::warn_saturated_inputs::<I16F16>(saturated, scale);
+    let inference = model.inference_config::<S>()?;
+    let scale = model.input_scale::<S>()?.to_f64();
+    let (all_inputs, saturated) = train::convert_features::<S>(&test_set, scale);
+    train::warn_saturated_inputs::<S>(saturated, scale);
     let inputs = &all_inputs[..rows * test_set.feature_count];
     let labels = &test_set.labels[..rows];
 
@@ -173,10 +187,9 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
 
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("cannot create {}", args.out_dir.display()))?;
-    let samples_path = args.out_dir.join("test-i16f16.fps");
+    let samples_path = args.out_dir.join(format!("test-{name}.fps"));
     let label_codes: Vec<u32> = labels.iter().map(|&label| label as u32).collect();
-    let mut sample_file =
-        vec![0u8; samples_encoded_len(rows, test_set.feature_count, NumericFormat::I16F16)];
+    let mut sample_file = vec![0u8; samples_encoded_len(rows, test_set.feature_count, format)];
     write_samples(
         inputs,
         &label_codes,
@@ -186,7 +199,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
     write_file(&samples_path, &sample_file)?;
 
     let board = board::run_qemu_m4_with_options(
-        &board_dir,
+        board_dir,
         &args.model,
         &samples_path,
         Some(args.timeout),
@@ -195,11 +208,11 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
     let bit_exact = board.checksum == host.checksum && board.predictions == host.predictions;
     let board_accuracy = board.correct as f64 / rows as f64;
     println!(
-        "host i16f16: test accuracy {:.4}, checksum {:#010x}",
+        "host {name}: test accuracy {:.4}, checksum {:#010x}",
         host.test_accuracy, host.checksum
     );
     println!(
-        "board i16f16 ({}): test accuracy {board_accuracy:.4}, checksum {:#010x}",
+        "board {name} ({}): test accuracy {board_accuracy:.4}, checksum {:#010x}",
         board.machine, board.checksum
     );
     println!(
