@@ -162,7 +162,7 @@ fn run(
     buffers: &'static mut Buffers,
 ) -> Result<(), i32> {
     let arch = Arch::new(&WIDTHS, ACTIVATION, SKIP).map_err(|error| {
-        defmt::error!("invalid shapes: {}", error);
+        defmt::error!("invalid shapes: {}", defmt::Display2Format(&error));
         EXIT_BAD_MODEL
     })?;
     let (config, weights) = load_model(model_bytes, &arch, &mut buffers.scalings)?;
@@ -176,7 +176,7 @@ fn run(
         return Err(EXIT_BAD_SAMPLES);
     }
     let samples = SampleSet::parse(sample_bytes).map_err(|error| {
-        defmt::error!("invalid sample file: {}", error);
+        defmt::error!("invalid sample file: {}", defmt::Display2Format(&error));
         EXIT_BAD_SAMPLES
     })?;
     if samples.feature_count() != INPUTS {
@@ -211,12 +211,12 @@ fn run(
         None => Network::new(arch, weights, scalings),
     }
     .map_err(|error| {
-        defmt::error!("invalid network: {}", error);
+        defmt::error!("invalid network: {}", defmt::Display2Format(&error));
         EXIT_BAD_MODEL
     })?;
     let mut workspace =
         Workspace::new(&arch, 1, activities, errors, scratch, overflows).map_err(|error| {
-            defmt::error!("invalid workspace: {}", error);
+            defmt::error!("invalid workspace: {}", defmt::Display2Format(&error));
             EXIT_BAD_MODEL
         })?;
 
@@ -225,7 +225,7 @@ fn run(
     let mut steps = 0u64;
     for index in 0..samples.len() {
         let label = samples.sample_into(index, input).map_err(|error| {
-            defmt::error!("sample {=usize}: {}", index, error);
+            defmt::error!("sample {=usize}: {}", index, defmt::Display2Format(&error));
             EXIT_BAD_SAMPLES
         })?;
         let result = evaluate_sample(
@@ -238,7 +238,7 @@ fn run(
             &mut checksum,
         )
         .map_err(|error| {
-            defmt::error!("sample {=usize}: {}", index, error);
+            defmt::error!("sample {=usize}: {}", index, defmt::Display2Format(&error));
             EXIT_BAD_SAMPLES
         })?;
         if result.predicted == label {
@@ -276,7 +276,7 @@ fn load_model(
     scalings: &mut [Value],
 ) -> Result<(InferenceConfig<Value>, &'static [Value]), i32> {
     let report = |error: fixedpc::Error| {
-        defmt::error!("invalid model: {}", error);
+        defmt::error!("invalid model: {}", defmt::Display2Format(&error));
         EXIT_BAD_MODEL
     };
     let model = Model::parse(bytes).map_err(report)?;
