@@ -739,7 +739,7 @@ impl Scalar for I16F16 {
     }
 }
 
-/// [`partial_sums_fit_i64`], with a faster test on `thumbv7em` that may answer `false` for a
+/// [`partial_sums_fit_i64`], with a faster test on `thumbv7em` that may return `false` for a
 /// vector that fits, in which case the exact test decides.
 #[inline(always)]
 fn sums_fit_i64(vector: &[I16F16]) -> bool {

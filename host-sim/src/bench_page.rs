@@ -136,10 +136,10 @@ fn board_section(out: &mut String, counts: &BoardCounts) {
          accumulators (`LDRD`, `UXTAH` to step to the next row, and `SMLA<x><y>`, 16 rows per \
          iteration). A sum that leaves the `i32` range sends the product to the general path, \
          as a saturated output does. `I16F16` takes 1.85 for three columns (`LDM` of a row's \
-         three weights, `UXTAH` and `SMLAL`, 32 rows per iteration), and 1.83 when a matrix \
-         has exactly 64 rows, because one unrolled pass then takes them all and the routine \
-         leaves out the loop. Columns left over go four at a time, at 1.69 and 2.03. The rest of each figure above is per-row or per-column \
-         work for the loop state, the rounding and the stores. A matrix product spends 8 \
+         three weights, `UXTAH` and `SMLAL`, 32 rows per iteration). With exactly 64 rows it \
+         takes 1.83, because one unrolled pass then takes them all and the routine leaves out \
+         the loop. Columns left over go four at a time, at 1.69 and 2.03. The rest of each \
+         figure above is per-row or per-column work for the loop state, the rounding and the stores. A matrix product spends 8 \
          instructions per row. A transposed product spends 17 per three columns (`I16F16`), \
          25 per eight columns (`I4F12`) or 22 to 25 per four columns. `I16F16` also proves \
          that the `i64` sums are exact, with one `SSAT` per vector value: in a pass of its \
@@ -183,10 +183,10 @@ fn memory_section(out: &mut String, memories: &[Memory]) {
          (`boards/qemu-m4/src/stack.rs`) over a run of the test protocol. The firmware reads \
          the weights in place from the model file in flash and keeps a transposed copy next to \
          them, so RAM holds no weights. \"Weights in flash\" counts both. Flash also includes \
-         the embedded test samples. (`build.rs` embeds a third, aligned copy when the weights \
-         in the model file are not 4-byte aligned, as in an `I4F12` model of even depth.) \
-         \"State in RAM\" is activities + errors at the format's size, and \"network buffers \
-         in RAM\" is `fixedpc::network::inference_ram_bytes`, which adds the scratch, scalings \
+         the embedded test samples. `build.rs` embeds a third, aligned copy when the weights \
+         in the model file are not 4-byte aligned, as in an `I4F12` model of even depth. \
+         \"State in RAM\" is activities + errors at the format's size. \"Network buffers in \
+         RAM\" is `fixedpc::network::inference_ram_bytes`, which adds the scratch, scalings \
          and overflow counters. The RAM target divides static RAM by weights + activities + \
          errors. The last ratio divides it by the state in RAM alone.\n\n",
     );
@@ -375,9 +375,9 @@ fn targets_section(out: &mut String, figures: &Figures<'_>) {
          flash wait states. Learning firmware changes its weights, so it keeps one copy in \
          RAM and runs the transposed product.\n\n\
          With the weights in flash, static RAM is a few percent of weights + activities + \
-         errors. Over activities + errors alone it is larger than one (last ratio of the \
-         memory table), because RAM also holds buffers that do not grow with the weights: the \
-         scratch of one layer, the input and target, the scalings, the overflow counters and \
+         errors. Over activities + errors alone it is larger than one, as the last ratio of the \
+         memory table shows. RAM also contains buffers that do not grow with the weights: \
+         the scratch of one layer, the input and target, the scalings, the overflow counters and \
          the logger.\n\n",
     );
 }

@@ -132,8 +132,8 @@ fn run_format<S: Scalar>(args: &RunArgs, model: &Model<'_>, board_dir: &Path) ->
             );
         }
     }
-    let wanted = args.test_rows.unwrap_or(test_set.len()).min(test_set.len());
-    let transposed = !args.no_transposed_copy && fit_with_copy >= wanted.max(1);
+    let requested_rows = args.test_rows.unwrap_or(test_set.len()).min(test_set.len());
+    let transposed = !args.no_transposed_copy && fit_with_copy >= requested_rows.max(1);
     let rows = args
         .test_rows
         .unwrap_or(if transposed { fit_with_copy } else { fit })

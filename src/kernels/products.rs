@@ -288,6 +288,22 @@ pub(crate) fn vector_bounded_q16(vector: &[i32]) -> bool {
     }
 }
 
+/// `SSAT` of the eight registers that [`bounded`] loads, to the `bits` operand of its `asm!`.
+macro_rules! ssat_eight {
+    () => {
+        concat!(
+            "ssat r2, #{bits}, r2\n",
+            "ssat r3, #{bits}, r3\n",
+            "ssat r4, #{bits}, r4\n",
+            "ssat r5, #{bits}, r5\n",
+            "ssat r8, #{bits}, r8\n",
+            "ssat r9, #{bits}, r9\n",
+            "ssat r10, #{bits}, r10\n",
+            "ssat r11, #{bits}, r11\n",
+        )
+    };
+}
+
 /// [`vector_bounded_q16`] for values of `BITS` bits: `SSAT` on sixteen values per iteration,
 /// loaded by two `LDM`s, then a comparison in Rust for the last `len % 16`.
 #[inline(always)]
@@ -312,24 +328,11 @@ fn bounded<const BITS: u32>(vector: &[i32]) -> bool {
             "movs r2, #0",
             "msr APSR_nzcvq, r2",
             "1:",
+            // Two loads of eight values, each value saturated to `BITS` bits.
             "ldm r0!, {{r2, r3, r4, r5, r8, r9, r10, r11}}",
-            "ssat r2, #{bits}, r2",
-            "ssat r3, #{bits}, r3",
-            "ssat r4, #{bits}, r4",
-            "ssat r5, #{bits}, r5",
-            "ssat r8, #{bits}, r8",
-            "ssat r9, #{bits}, r9",
-            "ssat r10, #{bits}, r10",
-            "ssat r11, #{bits}, r11",
+            ssat_eight!(),
             "ldm r0!, {{r2, r3, r4, r5, r8, r9, r10, r11}}",
-            "ssat r2, #{bits}, r2",
-            "ssat r3, #{bits}, r3",
-            "ssat r4, #{bits}, r4",
-            "ssat r5, #{bits}, r5",
-            "ssat r8, #{bits}, r8",
-            "ssat r9, #{bits}, r9",
-            "ssat r10, #{bits}, r10",
-            "ssat r11, #{bits}, r11",
+            ssat_eight!(),
             "cmp r0, r1",
             "bne 1b",
             "mrs r2, APSR",
@@ -375,11 +378,20 @@ macro_rules! q12_column_block {
 }
 
 /// One row of four columns of the `I16F16` transposed product, with the registers of
-/// [`q12_column_block`].
+/// [`q12_column_block`]. `q16_column_block!(checked)` also saturates the vector value to 26
+/// bits, which sets the Q flag when it lies outside `[-2^25, 2^25)`. For at most 64 rows that
+/// proves the bound of [`vector_bounded_q16`] on the way.
 macro_rules! q16_column_block {
     () => {
+        q16_column_block!("")
+    };
+    (checked) => {
+        q16_column_block!("ssat r3, #26, r3\n")
+    };
+    ($check:expr) => {
         concat!(
             "ldr r3, [r1], #4\n",
+            $check,
             "ldrd r12, lr, [r0]\n",
             "smlal r4, r5, r12, r3\n",
             "smlal r6, r7, lr, r3\n",
@@ -391,21 +403,26 @@ macro_rules! q16_column_block {
     };
 }
 
-/// [`q16_column_block`] that also saturates the vector value to 26 bits, which sets the Q flag
-/// when it lies outside `[-2^25, 2^25)`. For at most 64 rows that proves the bound of
-/// [`vector_bounded_q16`] on the way.
-macro_rules! q16_column_block_checked {
-    () => {
+/// Sixteen rows of [`q16_column_block`], with the same argument.
+macro_rules! q16_column_block_x16 {
+    ($($check:tt)?) => {
         concat!(
-            "ldr r3, [r1], #4\n",
-            "ssat r3, #26, r3\n",
-            "ldrd r12, lr, [r0]\n",
-            "smlal r4, r5, r12, r3\n",
-            "smlal r6, r7, lr, r3\n",
-            "ldrd r12, lr, [r0, #8]\n",
-            "smlal r8, r9, r12, r3\n",
-            "smlal r10, r11, lr, r3\n",
-            "uxtah r0, r0, r2\n",
+            q16_column_block!($($check)?),
+            q16_column_block!($($check)?),
+            q16_column_block!($($check)?),
+            q16_column_block!($($check)?),
+            q16_column_block!($($check)?),
+            q16_column_block!($($check)?),
+            q16_column_block!($($check)?),
+            q16_column_block!($($check)?),
+            q16_column_block!($($check)?),
+            q16_column_block!($($check)?),
+            q16_column_block!($($check)?),
+            q16_column_block!($($check)?),
+            q16_column_block!($($check)?),
+            q16_column_block!($($check)?),
+            q16_column_block!($($check)?),
+            q16_column_block!($($check)?)
         )
     };
 }
@@ -1044,7 +1061,7 @@ fn columns3_q16(matrix: &[i32], vector: &[i32], stride: usize, out: &mut [i32]) 
 /// Runs [`columns_routine`] with [`q16_column_block`] on the first `out.len()` columns, a
 /// non-zero multiple of 4, of a matrix with `vector.len()` rows and `stride` bytes per row.
 /// With `checked`, for a number of rows that is a multiple of 16, it runs
-/// [`q16_column_block_checked`] instead. Returns the APSR at the end, or `None` when the
+/// `q16_column_block!(checked)` instead. Returns the APSR at the end, or `None` when the
 /// counter does not fit.
 fn columns4_q16(
     matrix: &[i32],
@@ -1060,79 +1077,30 @@ fn columns4_q16(
     let passes = if unrolled { rows / UNROLL } else { rows };
     let counter = column_counter(stride, passes)?;
     let out_range = out.as_mut_ptr_range();
+    macro_rules! run {
+        ($block:expr) => {
+            columns_routine!(
+                bias: 1 << 15,
+                block: $block,
+                finish: q16_column_finish!(),
+                group_bytes: 4 * COLUMNS,
+                matrix: matrix.as_ptr(),
+                vector: vector.as_ptr(),
+                counter: counter,
+                out: out_range.start,
+                out_end: out_range.end,
+            )
+        };
+    }
     // SAFETY: as in `columns4_q12`, with one `i32` vector value per row and four `i32`
     // weights per row and group, read by two `LDRD`s from word-aligned addresses.
     let status = unsafe {
         if checked && unrolled {
-            columns_routine!(
-                bias: 1 << 15,
-                block: concat!(
-                    q16_column_block_checked!(),
-                    q16_column_block_checked!(),
-                    q16_column_block_checked!(),
-                    q16_column_block_checked!(),
-                    q16_column_block_checked!(),
-                    q16_column_block_checked!(),
-                    q16_column_block_checked!(),
-                    q16_column_block_checked!(),
-                    q16_column_block_checked!(),
-                    q16_column_block_checked!(),
-                    q16_column_block_checked!(),
-                    q16_column_block_checked!(),
-                    q16_column_block_checked!(),
-                    q16_column_block_checked!(),
-                    q16_column_block_checked!(),
-                    q16_column_block_checked!()
-                ),
-                finish: q16_column_finish!(),
-                group_bytes: 4 * COLUMNS,
-                matrix: matrix.as_ptr(),
-                vector: vector.as_ptr(),
-                counter: counter,
-                out: out_range.start,
-                out_end: out_range.end,
-            )
+            run!(q16_column_block_x16!(checked))
         } else if unrolled {
-            columns_routine!(
-                bias: 1 << 15,
-                block: concat!(
-                    q16_column_block!(),
-                    q16_column_block!(),
-                    q16_column_block!(),
-                    q16_column_block!(),
-                    q16_column_block!(),
-                    q16_column_block!(),
-                    q16_column_block!(),
-                    q16_column_block!(),
-                    q16_column_block!(),
-                    q16_column_block!(),
-                    q16_column_block!(),
-                    q16_column_block!(),
-                    q16_column_block!(),
-                    q16_column_block!(),
-                    q16_column_block!(),
-                    q16_column_block!()
-                ),
-                finish: q16_column_finish!(),
-                group_bytes: 4 * COLUMNS,
-                matrix: matrix.as_ptr(),
-                vector: vector.as_ptr(),
-                counter: counter,
-                out: out_range.start,
-                out_end: out_range.end,
-            )
+            run!(q16_column_block_x16!())
         } else {
-            columns_routine!(
-                bias: 1 << 15,
-                block: q16_column_block!(),
-                finish: q16_column_finish!(),
-                group_bytes: 4 * COLUMNS,
-                matrix: matrix.as_ptr(),
-                vector: vector.as_ptr(),
-                counter: counter,
-                out: out_range.start,
-                out_end: out_range.end,
-            )
+            run!(q16_column_block!())
         }
     };
     Some(status)
